@@ -1,0 +1,44 @@
+"""Shared fixtures: real services, fresh sessions, the threading runner."""
+
+import uuid
+
+import pytest
+import redis
+from django.conf import settings
+
+from triggers.runners import ThreadingTaskRunner
+
+pytest_plugins = ["triggers.testing"]
+
+REDIS_START = ('redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" '
+               "--appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server():
+    """The real Redis must be reachable: the cache storage is tested against it."""
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.exit(
+            f"Redis is not reachable at {settings.REDIS_URL} ({exc}). Start it with:\n"
+            f"  {REDIS_START}",
+            returncode=3,
+        )
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def uid():
+    """A fresh session UID."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(autouse=True)
+def _join_runner_threads():
+    """No runner thread outlives its test."""
+    yield
+    ThreadingTaskRunner.join_all(timeout=30)

@@ -1,0 +1,65 @@
+"""Settings of the test project. Services are the real ones on loopback.
+
+Override with environment variables: TRIGGERS_TEST_REDIS_URL,
+TRIGGERS_TEST_BROKER_URL.
+"""
+
+import os
+
+from tests.celery import app as celery_app  # noqa: F401 - loads the Celery app with Django
+
+SECRET_KEY = "triggers-tests"
+DEBUG = False
+USE_TZ = True
+ALLOWED_HOSTS = ["*"]
+
+REDIS_URL = os.environ.get("TRIGGERS_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+BROKER_URL = os.environ.get("TRIGGERS_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "triggers",
+    "tests.app",
+]
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.path.join(os.path.dirname(__file__), "test.sqlite3"),
+    },
+}
+
+CACHES = {
+    # django-redis: the recommended production cache for triggers.
+    "default": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "triggers-tests",
+    },
+    # Django's own Redis cache backend.
+    "builtin_redis": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "triggers-tests-builtin",
+    },
+    # Local memory: single-process use.
+    "locmem": {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+        "LOCATION": "triggers-tests",
+    },
+}
+
+CELERY_BROKER_URL = BROKER_URL
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+TEST_RUNNER = "tests.runner.PytestTestRunner"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+}

@@ -1,0 +1,11 @@
+"""Django application configuration."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class TriggersConfig(AppConfig):
+    name = "triggers"
+    verbose_name = "Triggers"
+    default_auto_field = "django.db.models.BigAutoField"

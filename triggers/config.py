@@ -1,0 +1,153 @@
+"""Validation of trigger configurations: every problem reported at once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Set
+from typing import Any
+
+from triggers.exceptions import ConfigurationError, ConfigurationProblem
+from triggers.types import (
+    DIRECTIVE_AFTER,
+    DIRECTIVE_AND_EVERY,
+    DIRECTIVE_RUN,
+    DIRECTIVE_UNLESS,
+    DIRECTIVE_USING,
+    DIRECTIVE_WITH_PARAMS,
+    INSTANCE_SEPARATOR,
+    TaskConfig,
+)
+
+__all__ = ["validate_configuration", "validate_trigger_name"]
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def validate_trigger_name(name: Any) -> str | None:
+    """Return what is wrong with a trigger name, or ``None`` if it is fine."""
+    if not isinstance(name, str):
+        return f"a trigger name must be a string, got {_describe(name)}"
+    if not name.strip():
+        return "a trigger name must not be empty"
+    return None
+
+
+def _trigger_list(value: Any, allow_empty: bool) -> str | None:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, Set)):
+        return f"expected a list of trigger names, got {_describe(value)}"
+    if not value and not allow_empty:
+        return "expected at least one trigger name, got an empty list"
+    for item in value:
+        problem = validate_trigger_name(item)
+        if problem:
+            return f"{problem} (in {_describe(value)})"
+    return None
+
+
+def validate_configuration(
+    configuration: Any,
+    runner_names: Callable[[], Set[str]],
+    check_task: Callable[[str], str | None] | None = None,
+    session_uid: str | None = None,
+) -> dict[str, TaskConfig]:
+    """Validate a whole configuration and return its :class:`TaskConfig` objects.
+
+    Raises :class:`ConfigurationError` listing every problem (task, directive,
+    what is wrong) if anything is invalid. ``runner_names`` returns the known
+    runner keys (for ``using``); ``check_task`` returns what is wrong with a
+    ``run`` target, or ``None``.
+    """
+    problems: list[ConfigurationProblem] = []
+
+    def problem(task: str | None, directive: str | None, message: str) -> None:
+        problems.append(ConfigurationProblem(task, directive, message))
+
+    if not isinstance(configuration, Mapping):
+        problem(None, None, f"a configuration must be a mapping of task names, got "
+                            f"{_describe(configuration)}")
+        raise ConfigurationError(problems, session_uid)
+
+    configs: dict[str, TaskConfig] = {}
+    for task_name, entry in configuration.items():
+        if not isinstance(task_name, str) or not task_name.strip():
+            problem(None, None, f"a task name must be a non-empty string, got {_describe(task_name)}")
+            continue
+        if INSTANCE_SEPARATOR in task_name:
+            problem(task_name, None, f"a task name must not contain {INSTANCE_SEPARATOR!r} "
+                                     f"(it separates task names from instance numbers)")
+        if not isinstance(entry, Mapping):
+            problem(task_name, None, f"expected a mapping of directives, got {_describe(entry)}")
+            continue
+        before = len(problems)
+
+        and_every = entry.get(DIRECTIVE_AND_EVERY)
+        if DIRECTIVE_AND_EVERY in entry and and_every is not None:
+            trouble = validate_trigger_name(and_every)
+            if trouble:
+                problem(task_name, DIRECTIVE_AND_EVERY, f"expected ONE trigger name; {trouble}")
+
+        if DIRECTIVE_AFTER not in entry:
+            problem(task_name, DIRECTIVE_AFTER, "required directive is missing")
+        else:
+            trouble = _trigger_list(entry[DIRECTIVE_AFTER], allow_empty=bool(and_every))
+            if trouble:
+                problem(task_name, DIRECTIVE_AFTER, trouble)
+
+        if DIRECTIVE_RUN not in entry:
+            problem(task_name, DIRECTIVE_RUN, "required directive is missing")
+        else:
+            run = entry[DIRECTIVE_RUN]
+            if not isinstance(run, str) or not run.strip():
+                problem(task_name, DIRECTIVE_RUN,
+                        f"expected the name of a Celery task, got {_describe(run)}")
+            elif check_task is not None:
+                trouble = check_task(run)
+                if trouble:
+                    problem(task_name, DIRECTIVE_RUN, trouble)
+
+        if entry.get(DIRECTIVE_UNLESS) is not None:
+            trouble = _trigger_list(entry[DIRECTIVE_UNLESS], allow_empty=True)
+            if trouble:
+                problem(task_name, DIRECTIVE_UNLESS, trouble)
+
+        params = entry.get(DIRECTIVE_WITH_PARAMS)
+        if params is not None:
+            if not isinstance(params, Mapping):
+                problem(task_name, DIRECTIVE_WITH_PARAMS,
+                        f"expected a mapping of trigger name to kwargs, got {_describe(params)}")
+            else:
+                for key, value in params.items():
+                    if not isinstance(key, str) or not key:
+                        problem(task_name, DIRECTIVE_WITH_PARAMS,
+                                f"keys must be trigger names, got {_describe(key)}")
+                    elif not isinstance(value, Mapping):
+                        problem(task_name, DIRECTIVE_WITH_PARAMS,
+                                f"value for {key!r} must be a mapping of kwargs, "
+                                f"got {_describe(value)}")
+                    elif not all(isinstance(k, str) for k in value):
+                        problem(task_name, DIRECTIVE_WITH_PARAMS,
+                                f"kwarg names for {key!r} must be strings")
+
+        using = entry.get(DIRECTIVE_USING)
+        if using is not None:
+            known = runner_names()
+            if not isinstance(using, str) or using not in known:
+                problem(task_name, DIRECTIVE_USING,
+                        f"unknown runner {using!r}; available: {', '.join(sorted(known))}")
+
+        try:
+            json.dumps(entry, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            problem(task_name, None, f"the entry must be JSON-serialisable ({exc})")
+
+        if len(problems) == before:
+            configs[task_name] = TaskConfig.from_dict(task_name, entry)
+
+    if problems:
+        raise ConfigurationError(problems, session_uid)
+    return configs

@@ -1,0 +1,177 @@
+"""Session locks.
+
+Every lock expires (a holder that dies blocks a session for at most
+``expire`` seconds), a holder renews it while it holds it, a waiter gives up
+after ``timeout`` seconds with :class:`~triggers.exceptions.LockTimeout`, and
+a thread that asks again for a session lock it already holds gets
+:class:`~triggers.exceptions.LockNotReentrant` at once instead of waiting for
+itself forever.
+
+:class:`RedisSessionLock` wraps python-redis-lock; :class:`CacheSessionLock`
+works on any Django cache through the atomic ``cache.add``;
+:class:`LocalSessionLock` serves in-process storages.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import redis_lock
+
+from triggers.exceptions import LockError, LockNotReentrant, LockTimeout
+
+__all__ = [
+    "DEFAULT_LOCK_EXPIRE",
+    "DEFAULT_LOCK_TIMEOUT",
+    "CacheSessionLock",
+    "LocalSessionLock",
+    "RedisSessionLock",
+    "SessionLock",
+]
+
+#: Seconds after which a lock whose holder stopped renewing it expires.
+DEFAULT_LOCK_EXPIRE = 30
+#: Seconds a caller waits for a session lock before LockTimeout.
+DEFAULT_LOCK_TIMEOUT = 60
+
+_held = threading.local()
+
+
+def _held_set() -> set[str]:
+    held: set[str] | None = getattr(_held, "names", None)
+    if held is None:
+        held = _held.names = set()
+    return held
+
+
+class SessionLock(Protocol):
+    def hold(self) -> Any: ...
+
+
+class _BaseLock:
+    def __init__(self, name: str, session_uid: str, expire: int, timeout: float) -> None:
+        self.name = name
+        self.session_uid = session_uid
+        self.expire = max(int(expire), 1)
+        self.timeout = timeout
+
+    def _acquire(self) -> bool:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        held = _held_set()
+        if self.name in held:
+            raise LockNotReentrant(
+                f"This thread already holds the lock of session {self.session_uid!r}; "
+                "waiting for it again would deadlock. Do not fire triggers or change the "
+                "session from code that runs while the session is locked.",
+                session_uid=self.session_uid,
+            )
+        if not self._acquire():
+            raise LockTimeout(
+                f"Could not acquire the lock of session {self.session_uid!r} within "
+                f"{self.timeout} s (lock {self.name!r}); another process holds it. A holder "
+                f"that died releases it after at most {self.expire} s.",
+                session_uid=self.session_uid,
+            )
+        held.add(self.name)
+        try:
+            yield
+        finally:
+            held.discard(self.name)
+            self._release()
+
+
+class RedisSessionLock(_BaseLock):
+    """python-redis-lock with expiry, automatic renewal and a bounded wait.
+
+    python-redis-lock waits in ``BLPOP`` for a release signal. A holder that
+    dies (or whose key expires) sends no signal, so the waiter must wake up by
+    itself: ``acquire`` is always given a timeout, and the BLPOP wait is bounded
+    by the expiry, after which ``SET NX`` is tried again.
+    """
+
+    def __init__(self, client: Any, name: str, session_uid: str,
+                 expire: int = DEFAULT_LOCK_EXPIRE, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        super().__init__(name, session_uid, expire, timeout)
+        self._lock = redis_lock.Lock(client, name, expire=self.expire, auto_renewal=True)
+
+    def _acquire(self) -> bool:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            # python-redis-lock truncates the timeout to whole seconds and treats 0
+            # as "wait forever", so wait in slices of at least one second.
+            wait = max(1, min(int(remaining + 0.999), self.expire))
+            try:
+                if self._lock.acquire(blocking=True, timeout=wait):
+                    return True
+            except redis_lock.AlreadyAcquired as exc:  # pragma: no cover - same id reused
+                raise LockError(f"Lock {self.name!r} is already held by this lock object") from exc
+
+    def _release(self) -> None:
+        try:
+            self._lock.release()
+        except redis_lock.NotAcquired:
+            # It expired while we held it (renewal failed); nothing to release.
+            pass
+
+
+class CacheSessionLock(_BaseLock):
+    """A lock on any Django cache, built on the atomic ``cache.add``.
+
+    Atomic across processes wherever ``cache.add`` is (Redis, Memcached, the
+    database cache); on the local-memory cache it serialises threads of one
+    process. Waiters poll with a short back-off.
+    """
+
+    def __init__(self, cache: Any, name: str, session_uid: str,
+                 expire: int = DEFAULT_LOCK_EXPIRE, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        super().__init__(name, session_uid, expire, timeout)
+        self._cache = cache
+        self._token = secrets.token_hex(8)
+
+    def _acquire(self) -> bool:
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while True:
+            if self._cache.add(self.name, self._token, timeout=self.expire):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _release(self) -> None:
+        if self._cache.get(self.name) == self._token:
+            self._cache.delete(self.name)
+
+
+class LocalSessionLock(_BaseLock):
+    """A lock within one process, for storages that live in this process only."""
+
+    _locks: dict[str, threading.Lock] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, name: str, session_uid: str,
+                 expire: int = DEFAULT_LOCK_EXPIRE, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        super().__init__(name, session_uid, expire, timeout)
+        with self._guard:
+            self._lock = self._locks.setdefault(name, threading.Lock())
+
+    def _acquire(self) -> bool:
+        return self._lock.acquire(timeout=self.timeout)
+
+    def _release(self) -> None:
+        self._lock.release()

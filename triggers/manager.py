@@ -1,0 +1,498 @@
+"""The trigger manager: fires triggers, schedules task instances, records outcomes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback as traceback_module
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from triggers import runners
+from triggers.config import validate_configuration, validate_trigger_name
+from triggers.exceptions import (
+    DispatchError,
+    InvalidArgument,
+    InvalidInstanceStatus,
+    InvalidTrigger,
+)
+from triggers.registry import TriggersRegistry
+from triggers.storages import storage_backends
+from triggers.storages.base import BaseTriggerStorage, SessionStep
+from triggers.types import (
+    STATUS_ABANDONED,
+    STATUS_FAILED,
+    STATUS_FINISHED,
+    STATUS_REPLAYED,
+    STATUS_RUNNING,
+    STATUS_SCHEDULED,
+    STATUS_SKIPPED,
+    STATUS_UNSTARTED,
+    TaskConfig,
+    TaskInstance,
+    TaskStatus,
+    now,
+)
+
+if TYPE_CHECKING:
+    from triggers.task import TriggerTask
+
+__all__ = ["TriggerManager", "trigger_managers"]
+
+logger = logging.getLogger(__name__)
+
+Kwargs = dict[str, Any]
+
+
+def _json_copy(value: Any, what: str, error: type[Exception] = InvalidArgument) -> Any:
+    """A JSON round trip: checks the value can be stored and normalises it as stored."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise error(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def _kwargs(value: Any, what: str, error: type[Exception] = InvalidArgument) -> Kwargs:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise error(f"{what} must be a mapping (or None), got {type(value).__name__} {value!r}")
+    bad = [key for key in value if not isinstance(key, str)]
+    if bad:
+        raise error(f"{what} must have string keys, got {bad!r}")
+    copied: Kwargs = _json_copy(dict(value), what, error)
+    return copied
+
+
+class TriggerManager:
+    """Controls one session through its storage backend.
+
+    ``TriggerManager(storage)`` or ``TriggerManager(storage=storage)``.
+    Subclasses may override :attr:`default_task_runner_name` and the hooks
+    :meth:`_post_fire`, :meth:`_post_replay` and :meth:`_post_skip`; register
+    them under the ``triggers.managers`` entry-point group so that workers can
+    rebuild them.
+    """
+
+    #: Registry key (set for the bundled class; found by lookup for others).
+    name: ClassVar[str] = "default"
+
+    def __init__(self, storage: BaseTriggerStorage) -> None:
+        if not isinstance(storage, BaseTriggerStorage):
+            raise InvalidArgument(
+                f"TriggerManager needs a storage backend (a BaseTriggerStorage), got "
+                f"{type(storage).__name__} {storage!r}"
+            )
+        self.storage = storage
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.storage!r})"
+
+    @property
+    def default_task_runner_name(self) -> str:
+        """Runner for tasks whose configuration has no ``using`` (cascades included)."""
+        return runners.DEFAULT_TASK_RUNNER
+
+    # ------------------------------------------------------------------
+    # Public API.
+    # ------------------------------------------------------------------
+
+    def update_configuration(self, configuration: Mapping[str, Mapping[str, Any]]) -> None:
+        """Validate and store task configurations, replacing tasks of the same name.
+
+        Every problem is reported at once in a ConfigurationError; on error the
+        stored configuration is unchanged. Triggers fired earlier are not
+        re-applied to the new tasks.
+        """
+        configs = validate_configuration(
+            configuration, runners.runner_names, _check_task, session_uid=self.storage.uid
+        )
+        self.storage.update_configuration(configs)
+
+    def fire(self, trigger_name: str, trigger_kwargs: Mapping[str, Any] | None = None
+             ) -> list[TaskInstance]:
+        """Fire a trigger; returns the instances it scheduled."""
+        problem = validate_trigger_name(trigger_name)
+        if problem:
+            raise InvalidTrigger(f"Cannot fire in session {self.storage.uid!r}: {problem}")
+        kwargs = _kwargs(trigger_kwargs, f"trigger_kwargs of {trigger_name!r}", InvalidTrigger)
+        with self.storage.atomic() as step:
+            scheduled = self._apply_trigger(step, trigger_name, kwargs)
+        self._after_step(trigger_name, scheduled)
+        return scheduled
+
+    def replay_failed_instance(self, failed_instance: TaskInstance | str,
+                               replacement_kwargs: Mapping[str, Mapping[str, Any]] | None = None
+                               ) -> TaskInstance:
+        """Mark a failed instance ``replayed`` and schedule a copy of it at once.
+
+        The copy gets ``replacement_kwargs`` (trigger → kwargs; they replace the
+        original kwargs, they are not merged) or the original kwargs; its
+        metadata ``parent`` names the failed instance.
+        """
+        name = self._instance_name(failed_instance)
+        replacement = None
+        if replacement_kwargs is not None:
+            replacement = self._trigger_kwargs_map(replacement_kwargs, "replacement_kwargs")
+        with self.storage.atomic() as step:
+            failed = step.instance(name)
+            self._require(failed, failed.can_replay, "replayed", "only failed instances")
+            clone = self._replace_instance(step, failed, replacement, {})
+        self._dispatch([clone])
+        self._post_replay(clone)
+        return clone
+
+    def skip_failed_instance(self, failed_instance: TaskInstance | str, cascade: bool = False,
+                             result: Mapping[str, Any] | None = None) -> TaskInstance:
+        """Mark a failed instance ``skipped``; with ``cascade`` fire its task as if it succeeded."""
+        name = self._instance_name(failed_instance)
+        result_kwargs = _kwargs(result, "result")
+        with self.storage.atomic() as step:
+            instance = step.instance(name)
+            self._require(instance, instance.can_skip, "skipped", "only failed instances")
+            instance.set_status(STATUS_SKIPPED, **({"result": result_kwargs} if cascade else {}))
+            step.save(instance)
+            scheduled = self._apply_trigger(step, instance.task_name, result_kwargs) if cascade else []
+        if cascade:
+            self._after_step(instance.task_name, scheduled)
+        self._post_skip(instance, cascade)
+        return instance
+
+    def update_instance_status(self, task_instance: TaskInstance | str, status: TaskStatus | str,
+                               metadata: Mapping[str, Any] | None = None, cascade: bool = False,
+                               cascade_kwargs: Mapping[str, Any] | None = None) -> TaskInstance:
+        """Set an instance's status by hand, merge ``metadata``, optionally cascade.
+
+        Nothing is dispatched because of the new status itself; with
+        ``cascade`` the task's name is fired with ``cascade_kwargs``.
+        """
+        name = self._instance_name(task_instance)
+        try:
+            new_status = TaskStatus(status)
+        except ValueError:
+            raise InvalidArgument(
+                f"Unknown status {status!r}; statuses: {', '.join(s.value for s in TaskStatus)}"
+            ) from None
+        meta = _kwargs(metadata, "metadata")
+        cascade_args = _kwargs(cascade_kwargs, "cascade_kwargs")
+        with self.storage.atomic() as step:
+            instance = step.instance(name)
+            instance.set_status(new_status, **meta)
+            step.save(instance)
+            scheduled = self._apply_trigger(step, instance.task_name, cascade_args) if cascade else []
+        if cascade:
+            self._after_step(instance.task_name, scheduled)
+        return instance
+
+    def update_instance_metadata(self, task_instance: TaskInstance | str,
+                                 metadata: Mapping[str, Any]) -> TaskInstance:
+        """Merge ``metadata`` into an instance's metadata."""
+        name = self._instance_name(task_instance)
+        if metadata is None:
+            raise InvalidArgument("metadata must be a mapping, got None")
+        meta = _kwargs(metadata, "metadata")
+        with self.storage.atomic() as step:
+            instance = step.instance(name)
+            instance.metadata.update(meta)
+            step.save(instance)
+        return instance
+
+    def mark_instance_logs_resolved(self, task_instance: TaskInstance | str) -> TaskInstance:
+        """Mark an instance's log messages as looked at (see get_instances_with_unresolved_logs)."""
+        return self.update_instance_metadata(task_instance, {"logs_resolved": True})
+
+    def get_unresolved_tasks(self) -> list[TaskConfig]:
+        """Tasks with no instance yet, or with at least one unresolved instance."""
+        return self.storage.get_unresolved_tasks()
+
+    def get_unresolved_instances(self) -> list[TaskInstance]:
+        """Instances that are not finished, abandoned, replayed or skipped."""
+        return self.storage.get_unresolved_instances()
+
+    # ------------------------------------------------------------------
+    # Hooks.
+    # ------------------------------------------------------------------
+
+    def _post_fire(self, trigger_name: str, tasks_scheduled: list[TaskInstance]) -> None:
+        """Called after a trigger was applied and saved and its instances dispatched."""
+
+    def _post_replay(self, task_instance: TaskInstance) -> None:
+        """Called after a replay; receives the new instance (``metadata['parent']``)."""
+
+    def _post_skip(self, task_instance: TaskInstance, cascade: bool) -> None:
+        """Called after a skip (and after the cascade's ``_post_fire``)."""
+
+    # ------------------------------------------------------------------
+    # Task execution (called by TriggerTask in a worker or runner thread).
+    # ------------------------------------------------------------------
+
+    def build_task_message(self, task_instance: TaskInstance) -> dict[str, Any]:
+        """The JSON kwargs of a Celery message that lets a worker run ``task_instance``."""
+        manager_key = trigger_managers.key_for(type(self))
+        storage_key = storage_backends.key_for(type(self.storage))
+        missing = []
+        if manager_key is None:
+            missing.append(f"manager class {_qualname(type(self))} under 'triggers.managers'")
+        if storage_key is None:
+            missing.append(f"storage class {_qualname(type(self.storage))} under "
+                           "'triggers.storages'")
+        if missing:
+            raise DispatchError(
+                f"Cannot send {task_instance.name} of session {self.storage.uid!r} to a worker: "
+                f"register the {' and the '.join(missing)} (entry points), so that the worker "
+                "rebuilds the same classes.",
+                session_uid=self.storage.uid, instance_name=task_instance.name,
+            )
+        return {
+            "uid": self.storage.uid,
+            "instance": task_instance.name,
+            "manager": manager_key,
+            "storage": storage_key,
+            "storage_options": self.storage.get_options(),
+        }
+
+    def _start_instance(self, name: str) -> TaskInstance | None:
+        """Atomically move ``scheduled`` → ``running``; ``None`` for a duplicate delivery."""
+        with self.storage.atomic() as step:
+            instance = step.instance(name)
+            if instance.status != STATUS_SCHEDULED:
+                logger.warning(
+                    "Ignoring a delivery of %s in session %r: it is %s, not scheduled "
+                    "(a duplicate or late message); nothing changed.",
+                    name, self.storage.uid, instance.status.value,
+                )
+                return None
+            instance.set_status(STATUS_RUNNING, started=now())
+            instance.metadata.pop("dispatch_error", None)
+            step.save(instance)
+            return instance.copy()
+
+    def _finish_instance(self, name: str, result: Kwargs, log_level: int) -> None:
+        """``running`` → ``finished`` and the cascade, in one atomic step."""
+        with self.storage.atomic() as step:
+            instance = self._running(step, name)
+            if instance is None:
+                return
+            instance.set_status(STATUS_FINISHED, result=result, finished=now(),
+                                log_level=max(log_level, instance.log_level))
+            step.save(instance)
+            scheduled = self._apply_trigger(step, instance.task_name, result)
+        self._after_step(instance.task_name, scheduled)
+
+    def _fail_instance(self, name: str, exc: BaseException, log_level: int) -> None:
+        context = getattr(exc, "context", None)
+        meta: dict[str, Any] = {
+            "exc_type": _qualname(type(exc)),
+            "exc_message": str(exc),
+            "exc_traceback": "".join(traceback_module.format_exception(exc)),
+            "finished": now(),
+        }
+        if isinstance(context, Mapping):
+            meta["exc_context"] = _json_copy_lenient(context)
+        with self.storage.atomic() as step:
+            instance = self._running(step, name)
+            if instance is None:
+                return
+            instance.set_status(STATUS_FAILED, log_level=max(log_level, instance.log_level), **meta)
+            step.save(instance)
+
+    def _skip_running_instance(self, name: str, metadata: Kwargs, log_level: int) -> None:
+        with self.storage.atomic() as step:
+            instance = self._running(step, name)
+            if instance is None:
+                return
+            instance.set_status(STATUS_SKIPPED, finished=now(),
+                                log_level=max(log_level, instance.log_level), **metadata)
+            step.save(instance)
+
+    def _retry_instance(self, name: str, replacement_kwargs: dict[str, Kwargs] | None,
+                        cooldown: float | None, metadata: Kwargs, log_level: int,
+                        exc: BaseException | None) -> TaskInstance | None:
+        """``running`` → ``replayed``, and a copy (depth + 1) scheduled after ``cooldown``."""
+        with self.storage.atomic() as step:
+            instance = self._running(step, name)
+            if instance is None:
+                return None
+            meta = dict(metadata)
+            if exc is not None:
+                meta["retry_reason"] = f"{_qualname(type(exc))}: {exc}"
+            instance.metadata["log_level"] = max(log_level, instance.log_level)
+            clone = self._replace_instance(step, instance, replacement_kwargs, meta, retry=True,
+                                           cooldown=cooldown)
+        self._dispatch([clone])
+        return clone
+
+    # ------------------------------------------------------------------
+    # Internals.
+    # ------------------------------------------------------------------
+
+    def _apply_trigger(self, step: SessionStep, trigger_name: str, kwargs: Kwargs
+                       ) -> list[TaskInstance]:
+        """Record a trigger and update every task that reacts to it; returns what it scheduled."""
+        step.set_latest_kwargs(trigger_name, kwargs)
+        latest = step.latest_kwargs
+        touched: list[TaskInstance] = []
+        for config in step.tasks.values():
+            if trigger_name not in config.triggers:
+                continue
+            if config.unless and all(name in latest for name in config.unless):
+                if trigger_name in config.unless:
+                    self._abandon(step, config, trigger_name)
+                continue
+            if trigger_name == config.and_every:
+                inherited = {t: latest[t] for t in config.after if t in latest}
+                inherited[trigger_name] = kwargs
+                touched.append(step.new_instance(config, inherited))
+            elif trigger_name in config.after:
+                if not config.and_every and step.count(config.name) == 0:
+                    inherited = {t: latest[t] for t in config.after if t in latest}
+                    touched.append(step.new_instance(config, inherited))
+                    continue
+                for instance in step.open_instances_of(config.name):
+                    if instance.status == STATUS_UNSTARTED:
+                        instance.kwargs[trigger_name] = kwargs
+                        step.save(instance)
+                        touched.append(instance)
+        scheduled = [instance for instance in touched if instance.can_schedule]
+        for instance in scheduled:
+            self._schedule(step, instance)
+        return scheduled
+
+    def _abandon(self, step: SessionStep, config: TaskConfig, trigger_name: str) -> None:
+        if step.count(config.name) == 0:
+            step.new_instance(config, status=STATUS_ABANDONED,
+                              metadata={"abandoned_by": trigger_name})
+            return
+        for instance in step.open_instances_of(config.name):
+            if instance.can_abandon:
+                instance.set_status(STATUS_ABANDONED, abandoned_by=trigger_name)
+                step.save(instance)
+
+    def _schedule(self, step: SessionStep, instance: TaskInstance) -> None:
+        runner = instance.config.using or self.default_task_runner_name
+        instance.set_status(STATUS_SCHEDULED, scheduled=now(), runner=runner)
+        step.save(instance)
+
+    def _replace_instance(self, step: SessionStep, old: TaskInstance,
+                          replacement: dict[str, Kwargs] | None, metadata: Kwargs,
+                          retry: bool = False, cooldown: float | None = None) -> TaskInstance:
+        """Mark ``old`` replayed and store a scheduled copy of it."""
+        old.set_status(STATUS_REPLAYED, **metadata)
+        step.save(old)
+        depth = int(old.metadata.get("depth", 0)) + (1 if retry else 0)
+        meta: Kwargs = {"parent": old.name}
+        if depth:
+            meta["depth"] = depth
+        if cooldown:
+            meta["cooldown"] = cooldown
+        clone = step.new_instance(old.config, replacement if replacement is not None else old.kwargs,
+                                  STATUS_UNSTARTED, meta)
+        old.metadata["replaced_by"] = clone.name
+        self._schedule(step, clone)
+        return clone
+
+    def _after_step(self, trigger_name: str, scheduled: list[TaskInstance]) -> None:
+        self._dispatch(scheduled)
+        self._post_fire(trigger_name, scheduled)
+
+    def _dispatch(self, instances: Iterable[TaskInstance]) -> None:
+        """Hand stored, scheduled instances to their runners (never under the lock).
+
+        A failed hand-over is logged and recorded in the instance's metadata
+        (``dispatch_error``); the instance stays ``scheduled`` for recovery.
+        """
+        for instance in instances:
+            runner_name = instance.metadata.get("runner") or self.default_task_runner_name
+            try:
+                runners.get_runner(runner_name).run(self, instance)
+            except Exception as exc:  # noqa: BLE001 - recorded, and logged with traceback
+                logger.exception("Could not dispatch %s of session %r with runner %r",
+                                 instance.name, self.storage.uid, runner_name)
+                self._record_dispatch_error(instance.name, exc)
+
+    def _record_dispatch_error(self, name: str, exc: Exception) -> None:
+        try:
+            with self.storage.atomic() as step:
+                instance = step.instance(name)
+                if instance.status == STATUS_SCHEDULED:
+                    instance.metadata["dispatch_error"] = f"{_qualname(type(exc))}: {exc}"
+                    step.save(instance)
+        except Exception:  # noqa: BLE001 - the storage itself is failing; already logged above
+            logger.exception("Could not record the dispatch error of %s", name)
+
+    def _running(self, step: SessionStep, name: str) -> TaskInstance | None:
+        instance = step.instance(name)
+        if instance.status != STATUS_RUNNING:
+            logger.warning(
+                "Not recording the outcome of %s in session %r: it is %s, no longer running.",
+                name, self.storage.uid, instance.status.value,
+            )
+            return None
+        return instance
+
+    def _require(self, instance: TaskInstance, allowed: bool, action: str, who: str) -> None:
+        if not allowed:
+            raise InvalidInstanceStatus(
+                f"Cannot mark {instance.name} of session {self.storage.uid!r} {action}: "
+                f"it is {instance.status.value}; {who} can be {action}.",
+                session_uid=self.storage.uid, instance_name=instance.name,
+                status=instance.status,
+            )
+
+    def _instance_name(self, task_instance: TaskInstance | str) -> str:
+        if isinstance(task_instance, TaskInstance):
+            return task_instance.name
+        if isinstance(task_instance, str) and task_instance:
+            return task_instance
+        raise InvalidArgument(
+            f"Expected a task instance or its name, got {type(task_instance).__name__} "
+            f"{task_instance!r}"
+        )
+
+    @staticmethod
+    def _trigger_kwargs_map(value: Any, what: str) -> dict[str, Kwargs]:
+        if not isinstance(value, Mapping):
+            raise InvalidArgument(
+                f"{what} must map trigger names to kwargs, got {type(value).__name__} {value!r}"
+            )
+        return {
+            str(trigger): _kwargs(kwargs, f"{what}[{trigger!r}]")
+            for trigger, kwargs in value.items()
+        }
+
+
+def _qualname(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _json_copy_lenient(value: Mapping[str, Any]) -> Any:
+    """Exception context as JSON; values that are not JSON become their repr()."""
+    return json.loads(json.dumps(dict(value), default=repr))
+
+
+def _check_task(run: str) -> str | None:
+    """What is wrong with a ``run`` target that the current Celery app knows, if anything.
+
+    A name the app does not know (yet) passes: worker-only task modules are often
+    not imported by web processes. It is checked again when dispatched.
+    """
+    from triggers.task import TriggerTask
+
+    task = runners.find_task(run)
+    if task is not None and not isinstance(task, TriggerTask):
+        return (f"Celery task {run!r} is a {type(task).__name__}, not a TriggerTask; "
+                "only TriggerTask subclasses can be run by triggers")
+    return None
+
+
+#: Registry of trigger managers: ``trigger_managers.get('default', storage)``.
+trigger_managers = TriggersRegistry("triggers.managers", "trigger manager")
+
+
+def build_manager(manager_key: str, storage_key: str, uid: str,
+                  storage_options: Mapping[str, Any] | None = None) -> TriggerManager:
+    """Rebuild a manager and its storage from registry keys (as a worker does)."""
+    storage = storage_backends.get(storage_key, uid, **dict(storage_options or {}))
+    manager: TriggerManager = trigger_managers.get(manager_key, storage)
+    return manager

@@ -1,0 +1,227 @@
+"""Session state in a Django cache (Redis in production).
+
+Layout, every key sharing the hash tag ``{uid}`` so that a session's keys live
+on one Redis Cluster shard::
+
+    triggers:{<uid>}:state      configuration, latest kwargs, counters, open instances
+    triggers:{<uid>}:i:<name>   one resolved instance (written once it is resolved)
+    lock:triggers:{<uid>}:lock  the session lock (python-redis-lock)
+
+Values are compact JSON. On a Redis cache (django-redis, or Django's built-in
+``RedisCache``) the backend talks to Redis directly with the cache's
+connection, so values are stored as JSON text rather than through the cache's
+pickling serializer, and a write is one pipelined ``MULTI/EXEC``. On any other
+cache it goes through the cache API (``get``/``set_many``) and locks with the
+atomic ``cache.add``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+from triggers.exceptions import CorruptSessionState, InvalidArgument, StorageError
+from triggers.locking import (
+    DEFAULT_LOCK_EXPIRE,
+    DEFAULT_LOCK_TIMEOUT,
+    CacheSessionLock,
+    RedisSessionLock,
+)
+from triggers.storages.base import (
+    BaseTriggerStorage,
+    SessionState,
+    StateChanges,
+    dumps,
+    instance_from_json,
+)
+from triggers.types import TaskConfig, TaskInstance
+
+__all__ = ["CacheStorageBackend"]
+
+_NOT_GIVEN: Any = object()
+
+
+class CacheStorageBackend(BaseTriggerStorage):
+    """Keeps a session's state in a Django cache alias.
+
+    :param uid: the session UID.
+    :param cache: the alias in ``settings.CACHES``.
+    :param timeout: seconds each written key lives; ``None`` keeps keys forever on
+        Redis (a key's time restarts whenever it is written).
+    """
+
+    name = "cache"
+
+    def __init__(self, uid: str, cache: str = "default", timeout: int | None = _NOT_GIVEN,
+                 lock_expire: int = DEFAULT_LOCK_EXPIRE,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        super().__init__(uid, lock_expire=lock_expire, lock_timeout=lock_timeout)
+        if timeout is _NOT_GIVEN:
+            timeout = 3600
+        if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
+            raise InvalidArgument(
+                f"CacheStorageBackend timeout must be a positive number of seconds or None, "
+                f"got {timeout!r}"
+            )
+        from django.core.cache import caches
+        from django.core.cache.backends.base import InvalidCacheBackendError
+
+        try:
+            self.cache = caches[cache]
+        except InvalidCacheBackendError as exc:
+            raise InvalidArgument(
+                f"Unknown cache alias {cache!r} for session {uid!r}; configured aliases: "
+                f"{', '.join(sorted(_cache_aliases()))}",
+                session_uid=uid,
+            ) from exc
+        self.cache_alias = cache
+        self.timeout = timeout
+        self._redis = _redis_client(self.cache)
+        self._prefix = f"triggers:{{{uid}}}:"
+
+    def get_options(self) -> dict[str, Any]:
+        return {"cache": self.cache_alias, "timeout": self.timeout,
+                "lock_expire": self.lock_expire, "lock_timeout": self.lock_timeout}
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether this backend talks to Redis directly (JSON values, python-redis-lock)."""
+        return self._redis is not None
+
+    # -- keys ---------------------------------------------------------------
+
+    def _key(self, suffix: str) -> str:
+        key = self._prefix + suffix
+        if self._redis is not None:
+            return str(self.cache.make_key(key))
+        return key
+
+    def _state_key(self) -> str:
+        return self._key("state")
+
+    def _instance_key(self, name: str) -> str:
+        return self._key("i:" + name)
+
+    # -- primitives ---------------------------------------------------------
+
+    def _session_lock(self) -> AbstractContextManager[Any]:
+        name = self._key("lock")
+        if self._redis is not None:
+            return RedisSessionLock(self._redis, name, self.uid, self.lock_expire,
+                                    self.lock_timeout).hold()
+        return CacheSessionLock(self.cache, name, self.uid, self.lock_expire,
+                                self.lock_timeout).hold()
+
+    def _get_raw(self, keys: list[str]) -> list[Any]:
+        try:
+            if self._redis is not None:
+                return list(self._redis.mget(keys))
+            found = self.cache.get_many(keys)
+            return [found.get(key) for key in keys]
+        except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
+            raise StorageError(
+                f"Could not read session {self.uid!r} from cache {self.cache_alias!r}: {exc}",
+                session_uid=self.uid,
+            ) from exc
+
+    def _decode(self, raw: Any, where: str) -> Any:
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CorruptSessionState(
+                    f"Stored state of session {self.uid!r} ({where}) is not UTF-8 JSON text; "
+                    "it may have been written by another program. Nothing was executed.",
+                    session_uid=self.uid,
+                ) from exc
+        if not isinstance(raw, str):
+            raise CorruptSessionState(
+                f"Stored state of session {self.uid!r} ({where}) is a {type(raw).__name__}, "
+                "not JSON text. Nothing was executed.",
+                session_uid=self.uid,
+            )
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise CorruptSessionState(
+                f"Stored state of session {self.uid!r} ({where}) is not valid JSON ({exc}). "
+                "Nothing was executed.",
+                session_uid=self.uid,
+            ) from exc
+
+    def _read_state(self) -> SessionState:
+        key = self._state_key()
+        (raw,) = self._get_raw([key])
+        if raw is None:
+            return SessionState()
+        return SessionState.from_json(self._decode(raw, key), self.uid, key)
+
+    def _read_instances(self, names: Iterable[str],
+                        tasks: Mapping[str, TaskConfig]) -> dict[str, TaskInstance]:
+        names = list(names)
+        if not names:
+            return {}
+        keys = [self._instance_key(name) for name in names]
+        found = {}
+        for name, key, raw in zip(names, keys, self._get_raw(keys)):
+            if raw is not None:
+                found[name] = instance_from_json(name, self._decode(raw, key), tasks, self.uid, key)
+        return found
+
+    def _write_state(self, changes: StateChanges) -> None:
+        values = {self._state_key(): dumps(changes.state.to_json())}
+        for name, instance in changes.resolved.items():
+            values[self._instance_key(name)] = dumps(instance.to_dict())
+        stale = [self._instance_key(name) for name in changes.unresolved]
+        try:
+            if self._redis is not None:
+                pipe = self._redis.pipeline(transaction=True)
+                for key, value in values.items():
+                    pipe.set(key, value, ex=self.timeout)
+                if stale:
+                    pipe.delete(*stale)
+                pipe.execute()
+            else:
+                self.cache.set_many(values, timeout=self.timeout)
+                if stale:
+                    self.cache.delete_many(stale)
+        except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
+            raise StorageError(
+                f"Could not write session {self.uid!r} to cache {self.cache_alias!r}: {exc}. "
+                "The step was not applied.",
+                session_uid=self.uid,
+            ) from exc
+
+    def delete(self) -> None:
+        """Remove everything this session stored."""
+        state = self._read_state()
+        keys = [self._state_key()]
+        keys += [self._instance_key(f"{task}#{n}")
+                 for task, count in state.counters.items() for n in range(count)]
+        if self._redis is not None:
+            self._redis.delete(*keys)
+        else:
+            self.cache.delete_many(keys)
+
+
+def _cache_aliases() -> list[str]:
+    from django.conf import settings
+
+    return list(getattr(settings, "CACHES", {}) or {})
+
+
+def _redis_client(cache: Any) -> Any:
+    """The raw redis-py client behind a Redis cache, or ``None`` for other caches."""
+    try:
+        from django_redis.cache import RedisCache as DjangoRedisCache
+    except ImportError:  # pragma: no cover - django-redis is a dependency
+        DjangoRedisCache = ()  # noqa: N806
+    from django.core.cache.backends.redis import RedisCache as BuiltinRedisCache
+
+    if DjangoRedisCache and isinstance(cache, DjangoRedisCache):
+        return cache.client.get_client(write=True)
+    if isinstance(cache, BuiltinRedisCache):
+        return cache._cache.get_client(write=True)
+    return None

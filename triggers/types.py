@@ -1,0 +1,302 @@
+"""Task configurations, task instances and their statuses."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = [
+    "INSTANCE_SEPARATOR",
+    "OPEN_STATUSES",
+    "RESOLVED_STATUSES",
+    "STATUS_ABANDONED",
+    "STATUS_FAILED",
+    "STATUS_FINISHED",
+    "STATUS_REPLAYED",
+    "STATUS_RUNNING",
+    "STATUS_SCHEDULED",
+    "STATUS_SKIPPED",
+    "STATUS_UNSTARTED",
+    "TaskConfig",
+    "TaskInstance",
+    "TaskStatus",
+]
+
+#: Separates a task's name from an instance's number: ``t_importSubject#0``.
+INSTANCE_SEPARATOR = "#"
+
+
+class TaskStatus(str, enum.Enum):
+    """Status of a task instance. Members compare equal to their string values."""
+
+    UNSTARTED = "unstarted"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+    REPLAYED = "replayed"
+    SKIPPED = "skipped"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_resolved(self) -> bool:
+        return self in RESOLVED_STATUSES
+
+
+STATUS_UNSTARTED = TaskStatus.UNSTARTED
+STATUS_SCHEDULED = TaskStatus.SCHEDULED
+STATUS_RUNNING = TaskStatus.RUNNING
+STATUS_FINISHED = TaskStatus.FINISHED
+STATUS_FAILED = TaskStatus.FAILED
+STATUS_ABANDONED = TaskStatus.ABANDONED
+STATUS_REPLAYED = TaskStatus.REPLAYED
+STATUS_SKIPPED = TaskStatus.SKIPPED
+
+#: Statuses after which nothing more happens to an instance.
+RESOLVED_STATUSES = frozenset({STATUS_FINISHED, STATUS_ABANDONED, STATUS_REPLAYED, STATUS_SKIPPED})
+#: Statuses of instances that still need attention (a failed one must be replayed or skipped).
+OPEN_STATUSES = frozenset(TaskStatus) - RESOLVED_STATUSES
+
+# Names of the configuration directives, as written in a configuration.
+DIRECTIVE_AFTER = "after"
+DIRECTIVE_RUN = "run"
+DIRECTIVE_AND_EVERY = "andEvery"
+DIRECTIVE_UNLESS = "unless"
+DIRECTIVE_WITH_PARAMS = "withParams"
+DIRECTIVE_USING = "using"
+DIRECTIVES = (
+    DIRECTIVE_AFTER,
+    DIRECTIVE_RUN,
+    DIRECTIVE_AND_EVERY,
+    DIRECTIVE_UNLESS,
+    DIRECTIVE_WITH_PARAMS,
+    DIRECTIVE_USING,
+)
+
+
+class TaskConfig:
+    """The configuration of one trigger task (one entry of a session's configuration).
+
+    ``after``, ``run``, ``and_every``, ``unless``, ``with_params`` and ``using``
+    hold the directives; ``extras`` keeps every other key verbatim for custom
+    managers.
+    """
+
+    __slots__ = ("after", "and_every", "extras", "name", "run", "unless", "using", "with_params")
+
+    def __init__(
+        self,
+        name: str,
+        after: Iterable[str],
+        run: str,
+        and_every: str | None = None,
+        unless: Iterable[str] | None = None,
+        with_params: Mapping[str, Mapping[str, Any]] | None = None,
+        using: str | None = None,
+        extras: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.after: list[str] = list(after)
+        self.run = run
+        self.and_every = and_every
+        self.unless: list[str] = list(unless or ())
+        self.with_params: dict[str, dict[str, Any]] = {
+            key: dict(value) for key, value in (with_params or {}).items()
+        }
+        self.using = using
+        self.extras: dict[str, Any] = dict(extras or {})
+
+    # camelCase aliases, matching the directive names of a configuration.
+    @property
+    def andEvery(self) -> str | None:  # noqa: N802 - mirrors the directive name
+        return self.and_every
+
+    @property
+    def withParams(self) -> dict[str, dict[str, Any]]:  # noqa: N802 - mirrors the directive name
+        return self.with_params
+
+    @property
+    def triggers(self) -> set[str]:
+        """Every trigger this task reacts to (``after``, ``andEvery`` and ``unless``)."""
+        names = set(self.after) | set(self.unless)
+        if self.and_every:
+            names.add(self.and_every)
+        return names
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration entry, as it would be written in a configuration."""
+        data: dict[str, Any] = {DIRECTIVE_AFTER: list(self.after), DIRECTIVE_RUN: self.run}
+        if self.and_every is not None:
+            data[DIRECTIVE_AND_EVERY] = self.and_every
+        if self.unless:
+            data[DIRECTIVE_UNLESS] = list(self.unless)
+        if self.with_params:
+            data[DIRECTIVE_WITH_PARAMS] = {k: dict(v) for k, v in self.with_params.items()}
+        if self.using is not None:
+            data[DIRECTIVE_USING] = self.using
+        data.update(self.extras)
+        return data
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> TaskConfig:
+        """Build from a configuration entry (validated beforehand, see ``triggers.config``)."""
+        extras = {key: value for key, value in data.items() if key not in DIRECTIVES}
+        return cls(
+            name=name,
+            after=data.get(DIRECTIVE_AFTER) or (),
+            run=data[DIRECTIVE_RUN],
+            and_every=data.get(DIRECTIVE_AND_EVERY),
+            unless=data.get(DIRECTIVE_UNLESS) or (),
+            with_params=data.get(DIRECTIVE_WITH_PARAMS) or {},
+            using=data.get(DIRECTIVE_USING),
+            extras=extras,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TaskConfig):
+            return NotImplemented
+        return self.name == other.name and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"TaskConfig({self.name!r}, {self.to_dict()!r})"
+
+
+def now() -> float:
+    """Current time as stored in instance metadata (epoch seconds, millisecond precision)."""
+    return round(time.time(), 3)
+
+
+class TaskInstance:
+    """One run of a trigger task: ``<task>#<n>``.
+
+    ``kwargs`` maps each trigger that reached the instance to the kwargs it was
+    fired with; ``metadata`` holds timestamps, results, failures and anything a
+    manager or task attached.
+    """
+
+    __slots__ = ("config", "kwargs", "metadata", "name", "status")
+
+    def __init__(
+        self,
+        name: str,
+        config: TaskConfig,
+        kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        status: TaskStatus | str = STATUS_UNSTARTED,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.kwargs: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (kwargs or {}).items()}
+        self.status = TaskStatus(status)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    @property
+    def task_name(self) -> str:
+        return self.config.name
+
+    @property
+    def number(self) -> int:
+        return int(self.name.rsplit(INSTANCE_SEPARATOR, 1)[1])
+
+    @property
+    def missing_triggers(self) -> list[str]:
+        """``after`` triggers that have not reached this instance yet."""
+        return [name for name in self.config.after if name not in self.kwargs]
+
+    @property
+    def can_abandon(self) -> bool:
+        """Only an instance that has not been handed to a runner can be abandoned."""
+        return self.status == STATUS_UNSTARTED
+
+    @property
+    def can_run(self) -> bool:
+        """Every ``after`` trigger has fired and the instance has not started yet."""
+        return self.status in (STATUS_UNSTARTED, STATUS_SCHEDULED) and not self.missing_triggers
+
+    @property
+    def can_schedule(self) -> bool:
+        """Ready to be handed to a runner: unstarted, with every ``after`` trigger fired."""
+        return self.status == STATUS_UNSTARTED and not self.missing_triggers
+
+    @property
+    def can_replay(self) -> bool:
+        return self.status == STATUS_FAILED
+
+    @property
+    def can_skip(self) -> bool:
+        return self.status == STATUS_FAILED
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.status in RESOLVED_STATUSES
+
+    @property
+    def log_level(self) -> int:
+        """Highest log level the task emitted (``logging.NOTSET`` until it ran)."""
+        return int(self.metadata.get("log_level", logging.NOTSET))
+
+    @property
+    def log_level_name(self) -> str:
+        return logging.getLevelName(self.log_level)
+
+    @property
+    def logs_resolved(self) -> bool:
+        return bool(self.metadata.get("logs_resolved", False))
+
+    @property
+    def has_unresolved_logs(self) -> bool:
+        """It logged a warning or worse, and nobody marked its logs resolved yet."""
+        return self.log_level >= logging.WARNING and not self.logs_resolved
+
+    def set_status(self, status: TaskStatus | str, **metadata: Any) -> None:
+        """Change the status, record when, and merge ``metadata``."""
+        self.status = TaskStatus(status)
+        self.metadata.update(metadata)
+        self.metadata["modified"] = now()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Compact JSON-ready form (the configuration is stored once, with the session)."""
+        data: dict[str, Any] = {"task": self.config.name, "status": self.status.value}
+        if self.kwargs:
+            data["kwargs"] = self.kwargs
+        if self.metadata:
+            data["meta"] = self.metadata
+        return data
+
+    def copy(self) -> TaskInstance:
+        return TaskInstance(self.name, self.config, self.kwargs, self.status, self.metadata)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TaskInstance):
+            return NotImplemented
+        return (
+            self.name == other.name
+            and self.status == other.status
+            and self.kwargs == other.kwargs
+            and self.metadata == other.metadata
+            and self.config == other.config
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"TaskInstance({self.name!r}, status={self.status.value!r})"
+
+
+def instance_name(task_name: str, number: int) -> str:
+    return f"{task_name}{INSTANCE_SEPARATOR}{number}"
+
+
+def task_name_of(name: str) -> str:
+    """``t_importSubject#3`` → ``t_importSubject``."""
+    return name.rsplit(INSTANCE_SEPARATOR, 1)[0]
