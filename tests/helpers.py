@@ -1,0 +1,43 @@
+"""Configurations and storage factories shared by the tests."""
+
+from triggers.storages.cache import CacheStorageBackend
+
+QUESTIONNAIRE = {
+    "t_importSubject": {
+        "after": ["firstPageReceived", "questionnaireComplete"],
+        "run": "app.tasks.ImportSubject",
+    },
+    "t_importResponses": {
+        "after": ["t_importSubject"],
+        "andEvery": "pageReceived",
+        "run": "app.tasks.ImportResponses",
+    },
+    "t_importBrowserMetadata": {
+        "after": ["t_importSubject", "pageReceived"],
+        "unless": ["isEmbeddedApplication"],
+        "run": "app.tasks.ImportBrowserMetadata",
+    },
+}
+
+#: Storage kinds every behaviour is checked on: the cache backend on django-redis,
+#: on Django's own RedisCache and on LocMem, and a custom whole-session backend.
+STORAGE_KINDS = ["django_redis", "builtin_redis", "locmem", "dict"]
+
+
+def make_storage(kind, uid):
+    if kind == "django_redis":
+        return CacheStorageBackend(uid, cache="default")
+    if kind == "builtin_redis":
+        return CacheStorageBackend(uid, cache="builtin_redis")
+    if kind == "locmem":
+        return CacheStorageBackend(uid, cache="locmem")
+    if kind == "dict":
+        from triggers_testdist import DictStorage
+
+        return DictStorage(uid)
+    raise ValueError(kind)
+
+
+def statuses(storage):
+    """{instance name: status value} of a session."""
+    return {instance.name: instance.status.value for instance in storage}
