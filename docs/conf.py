@@ -1,0 +1,108 @@
+"""Sphinx configuration for the triggers documentation."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# -- Django set-up (autodoc imports modules that need settings) ---------------
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+import triggers  # noqa: E402
+
+# -- Project information -------------------------------------------------------
+
+project = "triggers"
+author = "The triggers developers"
+copyright = "The triggers developers"  # noqa: A001 - Sphinx setting
+release = triggers.__version__
+version = ".".join(release.split(".")[:2])
+
+# -- General configuration -----------------------------------------------------
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+]
+
+master_doc = "index"
+exclude_patterns = ["_build"]
+default_role = "literal"
+pygments_style = "sphinx"
+nitpicky = True
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_preserve_defaults = True
+autodoc_default_options = {
+    "show-inheritance": True,
+}
+
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+
+# Types from the standard library and third-party packages cannot be linked
+# without intersphinx (the build runs offline); they are shown as plain text.
+nitpick_ignore_regex = [
+    (r"py:.*", r"(collections\.abc|typing|types|contextlib|enum|logging|threading)\..*"),
+    (r"py:.*", r"(celery|class_registry|redis|redis_lock|django|filters)(\..*)?"),
+    (r"py:.*", r"(Any|Mapping|Iterable|Iterator|Sequence|Callable|Set|Hashable|NoReturn|E)"),
+    (r"py:.*", r"(AbstractContextManager|TracebackType|Protocol|Exception|BaseException)"),
+    (r"py:.*", r"(ValueError|KeyError|TypeError|LookupError|RuntimeError|TimeoutError)"),
+    (r"py:.*", r"(str|int|float|bool|dict|list|tuple|set|frozenset|type|object|None)"),
+    (r"py:.*", r"(Task|RegistryKeyError|EntryPointClassRegistry|Logger)"),
+    (r"py:.*", r"(Kwargs|TaskStatus\.\w+)"),
+]
+
+
+# -- Resolving short names ------------------------------------------------------
+#
+# Docstrings refer to classes by their short names (``TaskConfig``,
+# ``TaskContext.filter_kwargs`` …) and ``from __future__ import annotations``
+# leaves some annotations as bare names.  Resolve such a reference when exactly
+# one documented object of the package ends with that name.
+
+
+def _resolve_short_name(app, env, node, contnode):
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    if not target or target.startswith(("triggers.", "~")):
+        return None
+    domain = env.get_domain("py")
+    suffix = "." + target.lstrip(".")
+    matches = [
+        name for name in domain.objects
+        if name.startswith("triggers.") and name.endswith(suffix)
+        and not domain.objects[name].aliased
+    ]
+    if len(matches) != 1:
+        return None
+    from sphinx.util.nodes import make_refnode
+
+    obj = domain.objects[matches[0]]
+    return make_refnode(app.builder, node["refdoc"], obj.docname, obj.node_id, contnode,
+                        matches[0])
+
+
+def setup(app):
+    app.connect("missing-reference", _resolve_short_name)
+
+
+# -- HTML output ------------------------------------------------------------------
+
+html_theme = "alabaster"
+html_theme_options = {
+    "description": "A distributed observer pattern for Django and Celery",
+    "fixed_sidebar": True,
+}
+html_static_path: list[str] = []
+htmlhelp_basename = "triggersdoc"
