@@ -27,9 +27,11 @@ version = ".".join(release.split(".")[:2])
 
 # -- General configuration -----------------------------------------------------
 
+# The package's docstrings are reStructuredText with Sphinx field lists, so
+# napoleon is not enabled: it would read ``#:`` comments such as
+# "Registry of trigger managers: ``...``" as "type: description".
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
 ]
 
@@ -46,8 +48,9 @@ autodoc_default_options = {
     "show-inheritance": True,
 }
 
-napoleon_google_docstring = True
-napoleon_numpy_docstring = False
+# Celery's and ClassRegistry's docstrings use roles and labels of their own
+# documentation; do not copy them onto our subclasses.
+autodoc_inherit_docstrings = False
 
 # Types from the standard library and third-party packages cannot be linked
 # without intersphinx (the build runs offline); they are shown as plain text.
@@ -59,7 +62,7 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(ValueError|KeyError|TypeError|LookupError|RuntimeError|TimeoutError)"),
     (r"py:.*", r"(str|int|float|bool|dict|list|tuple|set|frozenset|type|object|None)"),
     (r"py:.*", r"(Task|RegistryKeyError|EntryPointClassRegistry|Logger)"),
-    (r"py:.*", r"(Kwargs|TaskStatus\.\w+)"),
+    (r"py:.*", r"(Kwargs|TaskStatus\.\w+|triggers\.exceptions\.E)"),
 ]
 
 
