@@ -1,0 +1,191 @@
+"""The cache storage on real Redis: layout, JSON, expiry, locks, concurrent fires."""
+
+import json
+import pickle
+import threading
+import time
+
+import pytest
+from django.core.cache import caches
+
+from tests.helpers import STORAGE_KINDS, make_storage
+from triggers import CacheStorageBackend, TriggerManager
+from triggers.exceptions import LockNotReentrant, LockTimeout
+from triggers.runners import ThreadingTaskRunner
+
+CONFIG = {
+    "t_pages": {"after": ["start"], "andEvery": "page", "run": "tests.Echo"},
+    "t_once": {"after": ["start", "page"], "run": "tests.Echo"},
+}
+
+
+def raw_redis(storage):
+    return storage._redis
+
+
+@pytest.mark.parametrize("alias", ["default", "builtin_redis"])
+def test_state_is_json_under_one_hash_tag(alias, uid):
+    """On Redis every key of a session shares the hash tag {uid} and holds JSON text."""
+    storage = CacheStorageBackend(uid, cache=alias)
+    assert storage.uses_redis
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["a"], "run": "tests.Echo"}})
+    manager.update_instance_status(storage.create_instance("t"), "finished")
+    client = raw_redis(storage)
+    keys = sorted(k.decode() for k in client.keys(f"*{{{uid}}}*")
+                  if not k.startswith(b"lock"))
+    assert len(keys) == 2
+    assert all(f"{{{uid}}}" in key for key in keys)
+    for key in keys:
+        raw = client.get(key)
+        assert not raw.startswith(b"\x80")  # not a pickle
+        json.loads(raw)
+    state = json.loads(client.get(storage._state_key()))
+    assert state["v"] == 1 and state["tasks"]["t"] == {"after": ["a"], "run": "tests.Echo"}
+
+
+def test_locmem_is_not_redis(uid):
+    """On a non-Redis cache the backend uses the cache API and the cache.add lock."""
+    storage = CacheStorageBackend(uid, cache="locmem")
+    assert not storage.uses_redis
+    TriggerManager(storage).update_configuration(CONFIG)
+    assert json.loads(caches["locmem"].get(storage._state_key()))["tasks"]["t_once"]
+
+
+@pytest.mark.parametrize("alias", ["default", "builtin_redis"])
+def test_timeout(alias, uid):
+    """Keys live `timeout` seconds; timeout=None keeps them forever."""
+    limited = CacheStorageBackend(uid, cache=alias, timeout=120)
+    TriggerManager(limited).update_configuration(CONFIG)
+    assert 0 < raw_redis(limited).ttl(limited._state_key()) <= 120
+    forever = CacheStorageBackend(uid + "f", cache=alias, timeout=None)
+    TriggerManager(forever).update_configuration(CONFIG)
+    assert raw_redis(forever).ttl(forever._state_key()) == -1
+
+
+def test_resolved_instances_are_stored_apart(uid):
+    """Resolved instances leave the session state; open ones stay in it."""
+    storage = CacheStorageBackend(uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration(CONFIG)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("triggers.runners.DEFAULT_TASK_RUNNER", "threading")
+        manager.fire("start")
+        for n in range(5):
+            manager.fire("page", {"n": n})
+        ThreadingTaskRunner.join_all()
+    state = json.loads(raw_redis(storage).get(storage._state_key()))
+    assert state["open"] == {}
+    assert state["counters"] == {"t_pages": 5, "t_once": 1}
+    assert len(storage.instances) == 6
+    # Moving a resolved instance back to an open status moves it back into the state.
+    manager.update_instance_status("t_pages#2", "failed")
+    state = json.loads(raw_redis(storage).get(storage._state_key()))
+    assert list(state["open"]) == ["t_pages#2"]
+    assert raw_redis(storage).get(storage._instance_key("t_pages#2")) is None
+    assert storage["t_pages#2"].status.value == "failed"
+
+
+def test_lock_is_not_reentrant(uid):
+    """Asking for a session lock the thread already holds raises at once."""
+    storage = CacheStorageBackend(uid)
+    with storage.acquire_lock():
+        with pytest.raises(LockNotReentrant, match=uid):
+            with storage.acquire_lock():
+                pass
+    with storage.acquire_lock():  # released properly
+        pass
+
+
+@pytest.mark.parametrize("kind", ["django_redis", "builtin_redis", "locmem", "dict"])
+def test_lock_wait_is_bounded(kind, uid):
+    """A waiter gives up after lock_timeout with LockTimeout naming the session."""
+    holder = make_storage(kind, uid)
+    waiter = make_storage(kind, uid)
+    waiter.lock_timeout = 1
+    acquired = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        with holder.acquire_lock():
+            acquired.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert acquired.wait(5), "the holder thread could not take the lock"
+    started = time.monotonic()
+    try:
+        with pytest.raises(LockTimeout, match=uid):
+            with waiter.acquire_lock():
+                pass
+    finally:
+        release.set()
+        thread.join()
+    assert time.monotonic() - started < 5
+    with waiter.acquire_lock():
+        pass
+
+
+def test_abandoned_redis_lock_expires(uid):
+    """A lock whose holder vanished without releasing blocks only until it expires."""
+    import redis_lock
+
+    storage = CacheStorageBackend(uid, lock_expire=2, lock_timeout=10)
+    client = raw_redis(storage)
+    # A holder that died: its lock key exists and nobody renews or releases it.
+    stale = redis_lock.Lock(client, storage._key("lock"), expire=2)
+    assert stale.acquire(blocking=False)
+    started = time.monotonic()
+    with storage.acquire_lock():
+        waited = time.monotonic() - started
+    assert 0.5 < waited < 5
+
+
+@pytest.mark.parametrize("kind", STORAGE_KINDS)
+def test_concurrent_fires_lose_nothing(kind, uid, trigger_threading_runner):
+    """Threads firing into one session at once: every andEvery firing gives one instance."""
+    manager = TriggerManager(make_storage(kind, uid))
+    manager.update_configuration(CONFIG)
+    barrier = threading.Barrier(8)
+    errors = []
+
+    def worker(index):
+        try:
+            own = TriggerManager(make_storage(kind, uid))
+            barrier.wait()
+            for n in range(10):
+                own.fire("page", {"thread": index, "n": n})
+                if index == 0 and n == 5:
+                    own.fire("start")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ThreadingTaskRunner.join_all()
+    assert errors == []
+    pages = manager.storage.instances_of_task("t_pages")
+    assert len(pages) == 80
+    assert {i.status.value for i in pages} == {"finished"}
+    seen = sorted((i.kwargs["page"]["thread"], i.kwargs["page"]["n"]) for i in pages)
+    assert seen == sorted((t, n) for t in range(8) for n in range(10))
+    assert [i.status.value for i in manager.storage.instances_of_task("t_once")] == ["finished"]
+
+
+def test_pickled_value_is_never_unpickled(uid):
+    """A pickle planted at the state key raises CorruptSessionState; it is never loaded."""
+    from triggers.exceptions import CorruptSessionState
+
+    storage = CacheStorageBackend(uid)
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    raw_redis(storage).set(storage._state_key(), pickle.dumps(Boom()))
+    with pytest.raises(CorruptSessionState, match=uid):
+        TriggerManager(storage).fire("a")
