@@ -1,6 +1,5 @@
 """Makes ``python manage.py test`` run the pytest suite."""
 
-import sys
 
 
 class PytestTestRunner:

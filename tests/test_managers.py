@@ -1,6 +1,5 @@
 """Custom managers, hooks, registries and the cookbook recipes."""
 
-from typing import Text  # noqa: UP035 - as written in the cookbook
 
 import pytest
 from celery import current_app
@@ -161,7 +160,7 @@ def test_namespaced_session_uids(uid):
     })
     for questionnaire, page in [("fauna", 6), ("flora", 3)]:
         TriggerManager(storage=CacheStorageBackend(uid=applicant)).fire(
-            trigger_name="{}_page{}".format(questionnaire, page),
+            trigger_name=f"{questionnaire}_page{page}",
             trigger_kwargs={"responses": {"page": page}},
         )
     ThreadingTaskRunner.join_all()

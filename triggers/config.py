@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Mapping, Set
 from typing import Any
 
-from triggers.exceptions import ConfigurationError, ConfigurationProblem
+from triggers.exceptions import ConfigurationError, ConfigurationProblem, InvalidArgument
 from triggers.types import (
     DIRECTIVE_AFTER,
     DIRECTIVE_AND_EVERY,
@@ -16,9 +16,17 @@ from triggers.types import (
     DIRECTIVE_WITH_PARAMS,
     INSTANCE_SEPARATOR,
     TaskConfig,
+    TaskStatus,
 )
 
-__all__ = ["validate_configuration", "validate_trigger_name"]
+__all__ = [
+    "check_kwargs",
+    "check_kwargs_map",
+    "check_status",
+    "json_copy",
+    "validate_configuration",
+    "validate_trigger_name",
+]
 
 
 def _describe(value: Any) -> str:
@@ -49,18 +57,68 @@ def _trigger_list(value: Any, allow_empty: bool) -> str | None:
     return None
 
 
+def json_copy(value: Any, what: str, error: type[Exception] = InvalidArgument) -> Any:
+    """A JSON round trip: checks that a value can be stored, and normalises it as stored."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise error(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+def check_kwargs(value: Any, what: str, error: type[Exception] = InvalidArgument
+                 ) -> dict[str, Any]:
+    """Kwargs (``None`` or a mapping with string keys, JSON-serialisable), as stored."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise error(f"{what} must be a mapping (or None), got {_describe(value)}")
+    bad = [key for key in value if not isinstance(key, str)]
+    if bad:
+        raise error(f"{what} must have string keys, got {bad!r}")
+    copied: dict[str, Any] = json_copy(dict(value), what, error)
+    return copied
+
+
+def check_kwargs_map(value: Any, what: str) -> dict[str, dict[str, Any]]:
+    """Trigger name → kwargs (an instance's ``kwargs``), checked and normalised."""
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"{what} must map trigger names to kwargs, got {_describe(value)}")
+    checked = {}
+    for trigger, kwargs in value.items():
+        problem = validate_trigger_name(trigger)
+        if problem:
+            raise InvalidArgument(f"{what}: {problem}")
+        if not isinstance(kwargs, Mapping):
+            raise InvalidArgument(
+                f"{what}[{trigger!r}] must be a mapping of kwargs, got {_describe(kwargs)}"
+            )
+        checked[trigger] = check_kwargs(kwargs, f"{what}[{trigger!r}]")
+    return checked
+
+
+def check_status(value: Any) -> TaskStatus:
+    try:
+        return TaskStatus(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"Unknown status {value!r}; statuses: {', '.join(s.value for s in TaskStatus)}"
+        ) from None
+
+
 def validate_configuration(
     configuration: Any,
-    runner_names: Callable[[], Set[str]],
+    runner_names: Callable[[], Set[str]] | None,
     check_task: Callable[[str], str | None] | None = None,
     session_uid: str | None = None,
+    stored: bool = False,
 ) -> dict[str, TaskConfig]:
     """Validate a whole configuration and return its :class:`TaskConfig` objects.
 
     Raises :class:`ConfigurationError` listing every problem (task, directive,
     what is wrong) if anything is invalid. ``runner_names`` returns the known
-    runner keys (for ``using``); ``check_task`` returns what is wrong with a
-    ``run`` target, or ``None``.
+    runner keys (for ``using``; ``None`` skips that check); ``check_task``
+    returns what is wrong with a ``run`` target, or ``None``. ``stored`` skips
+    the checks that stored (already JSON) data cannot fail.
     """
     problems: list[ConfigurationProblem] = []
 
@@ -134,16 +192,17 @@ def validate_configuration(
                                 f"kwarg names for {key!r} must be strings")
 
         using = entry.get(DIRECTIVE_USING)
-        if using is not None:
+        if using is not None and runner_names is not None:
             known = runner_names()
             if not isinstance(using, str) or using not in known:
                 problem(task_name, DIRECTIVE_USING,
                         f"unknown runner {using!r}; available: {', '.join(sorted(known))}")
 
-        try:
-            json.dumps(entry, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            problem(task_name, None, f"the entry must be JSON-serialisable ({exc})")
+        if not stored:
+            try:
+                json.dumps(entry, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                problem(task_name, None, f"the entry must be JSON-serialisable ({exc})")
 
         if len(problems) == before:
             configs[task_name] = TaskConfig.from_dict(task_name, entry)

@@ -9,7 +9,13 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from triggers import runners
-from triggers.config import validate_configuration, validate_trigger_name
+from triggers.config import (
+    check_kwargs,
+    check_kwargs_map,
+    check_status,
+    validate_configuration,
+    validate_trigger_name,
+)
 from triggers.exceptions import (
     DispatchError,
     InvalidArgument,
@@ -35,34 +41,13 @@ from triggers.types import (
 )
 
 if TYPE_CHECKING:
-    from triggers.task import TriggerTask
+    pass
 
 __all__ = ["TriggerManager", "trigger_managers"]
 
 logger = logging.getLogger(__name__)
 
 Kwargs = dict[str, Any]
-
-
-def _json_copy(value: Any, what: str, error: type[Exception] = InvalidArgument) -> Any:
-    """A JSON round trip: checks the value can be stored and normalises it as stored."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise error(f"{what} must be JSON-serialisable: {exc}") from exc
-
-
-def _kwargs(value: Any, what: str, error: type[Exception] = InvalidArgument) -> Kwargs:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise error(f"{what} must be a mapping (or None), got {type(value).__name__} {value!r}")
-    bad = [key for key in value if not isinstance(key, str)]
-    if bad:
-        raise error(f"{what} must have string keys, got {bad!r}")
-    copied: Kwargs = _json_copy(dict(value), what, error)
-    return copied
-
 
 class TriggerManager:
     """Controls one session through its storage backend.
@@ -115,7 +100,7 @@ class TriggerManager:
         problem = validate_trigger_name(trigger_name)
         if problem:
             raise InvalidTrigger(f"Cannot fire in session {self.storage.uid!r}: {problem}")
-        kwargs = _kwargs(trigger_kwargs, f"trigger_kwargs of {trigger_name!r}", InvalidTrigger)
+        kwargs = check_kwargs(trigger_kwargs, f"trigger_kwargs of {trigger_name!r}", InvalidTrigger)
         with self.storage.atomic() as step:
             scheduled = self._apply_trigger(step, trigger_name, kwargs)
         self._after_step(trigger_name, scheduled)
@@ -133,7 +118,7 @@ class TriggerManager:
         name = self._instance_name(failed_instance)
         replacement = None
         if replacement_kwargs is not None:
-            replacement = self._trigger_kwargs_map(replacement_kwargs, "replacement_kwargs")
+            replacement = check_kwargs_map(replacement_kwargs, "replacement_kwargs")
         with self.storage.atomic() as step:
             failed = step.instance(name)
             self._require(failed, failed.can_replay, "replayed", "only failed instances")
@@ -146,7 +131,7 @@ class TriggerManager:
                              result: Mapping[str, Any] | None = None) -> TaskInstance:
         """Mark a failed instance ``skipped``; with ``cascade`` fire its task as if it succeeded."""
         name = self._instance_name(failed_instance)
-        result_kwargs = _kwargs(result, "result")
+        result_kwargs = check_kwargs(result, "result")
         with self.storage.atomic() as step:
             instance = step.instance(name)
             self._require(instance, instance.can_skip, "skipped", "only failed instances")
@@ -167,14 +152,9 @@ class TriggerManager:
         ``cascade`` the task's name is fired with ``cascade_kwargs``.
         """
         name = self._instance_name(task_instance)
-        try:
-            new_status = TaskStatus(status)
-        except ValueError:
-            raise InvalidArgument(
-                f"Unknown status {status!r}; statuses: {', '.join(s.value for s in TaskStatus)}"
-            ) from None
-        meta = _kwargs(metadata, "metadata")
-        cascade_args = _kwargs(cascade_kwargs, "cascade_kwargs")
+        new_status = check_status(status)
+        meta = check_kwargs(metadata, "metadata")
+        cascade_args = check_kwargs(cascade_kwargs, "cascade_kwargs")
         with self.storage.atomic() as step:
             instance = step.instance(name)
             instance.set_status(new_status, **meta)
@@ -190,7 +170,7 @@ class TriggerManager:
         name = self._instance_name(task_instance)
         if metadata is None:
             raise InvalidArgument("metadata must be a mapping, got None")
-        meta = _kwargs(metadata, "metadata")
+        meta = check_kwargs(metadata, "metadata")
         with self.storage.atomic() as step:
             instance = step.instance(name)
             instance.metadata.update(meta)
@@ -448,17 +428,6 @@ class TriggerManager:
             f"Expected a task instance or its name, got {type(task_instance).__name__} "
             f"{task_instance!r}"
         )
-
-    @staticmethod
-    def _trigger_kwargs_map(value: Any, what: str) -> dict[str, Kwargs]:
-        if not isinstance(value, Mapping):
-            raise InvalidArgument(
-                f"{what} must map trigger names to kwargs, got {type(value).__name__} {value!r}"
-            )
-        return {
-            str(trigger): _kwargs(kwargs, f"{what}[{trigger!r}]")
-            for trigger, kwargs in value.items()
-        }
 
 
 def _qualname(cls: type) -> str:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery import _state as celery_state
 
+from triggers.config import check_kwargs_map
 from triggers.exceptions import (
     InvalidArgument,
     InvalidTaskKwargs,
@@ -238,10 +239,7 @@ class TriggerTask(Task):  # type: ignore[misc]
                                    f"got {cooldown!r}")
         replacement = None
         if replacement_kwargs is not None:
-            from triggers.manager import TriggerManager
-
-            replacement = TriggerManager._trigger_kwargs_map(replacement_kwargs,
-                                                             "replacement_kwargs")
+            replacement = check_kwargs_map(replacement_kwargs, "replacement_kwargs")
         return RetryInstance(exc, cooldown, replacement, _plain_mapping(metadata, "metadata"))
 
     def skip(self, metadata: Mapping[str, Any] | None = None) -> Exception:

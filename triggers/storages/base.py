@@ -32,7 +32,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
+from triggers.config import check_kwargs, check_kwargs_map, check_status, validate_configuration
 from triggers.exceptions import (
+    ConfigurationError,
     CorruptSessionState,
     InstanceNotFound,
     InvalidArgument,
@@ -105,8 +107,17 @@ class SessionState:
             raise corrupt(f"expected a JSON object, got {type(data).__name__}")
         if data.get("v") != FORMAT_VERSION:
             raise corrupt(f"unknown format version {data.get('v')!r}")
+        for part in ("tasks", "kwargs", "counters", "open", "meta"):
+            if not isinstance(data.get(part, {}), Mapping):
+                raise corrupt(f"{part!r} is a {type(data[part]).__name__}, not an object")
         try:
-            tasks = {name: TaskConfig.from_dict(name, entry) for name, entry in data["tasks"].items()}
+            tasks = validate_configuration(data["tasks"], None, session_uid=session_uid,
+                                           stored=True)
+        except ConfigurationError as exc:
+            raise corrupt(f"the stored configuration is invalid: {exc}") from exc
+        try:
+            if not all(isinstance(v, Mapping) for v in data["kwargs"].values()):
+                raise ValueError("latest kwargs must be objects")
             state = cls(
                 tasks=tasks,
                 latest_kwargs=dict(data["kwargs"]),
@@ -555,10 +566,12 @@ class BaseTriggerStorage:
                 f"create_instance() got unexpected arguments {sorted(unknown)}; "
                 "accepted: kwargs, status, metadata"
             )
+        status = check_status(kwargs.get("status", STATUS_UNSTARTED))
+        trigger_kwargs = check_kwargs_map(kwargs.get("kwargs") or {}, "kwargs")
+        metadata = check_kwargs(kwargs.get("metadata"), "metadata")
         with self.atomic() as step:
             config = self._resolve_config(step, task_config)
-            return step.new_instance(config, kwargs.get("kwargs"),
-                                     kwargs.get("status", STATUS_UNSTARTED), kwargs.get("metadata"))
+            return step.new_instance(config, trigger_kwargs, status, metadata)
 
     def clone_instance(self, task_instance: TaskInstance | str) -> TaskInstance:
         """Store an unstarted copy of an instance (new number; ``parent`` names the original)."""

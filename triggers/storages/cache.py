@@ -165,7 +165,7 @@ class CacheStorageBackend(BaseTriggerStorage):
             return {}
         keys = [self._instance_key(name) for name in names]
         found = {}
-        for name, key, raw in zip(names, keys, self._get_raw(keys)):
+        for name, key, raw in zip(names, keys, self._get_raw(keys), strict=True):
             if raw is not None:
                 found[name] = instance_from_json(name, self._decode(raw, key), tasks, self.uid, key)
         return found
