@@ -127,7 +127,7 @@ class InvalidInstanceStatus(TriggersError, ValueError):
     """The instance's status does not allow the requested operation."""
 
 
-class UnknownRegistryKey(TriggersError, RegistryKeyError):
+class UnknownRegistryKey(TriggersError, RegistryKeyError):  # type: ignore[misc]
     """No manager, storage or runner is registered under that key."""
 
     def __str__(self) -> str:

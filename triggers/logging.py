@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["ContextLogger", "LevelTracker", "LoggerContext"]
 
@@ -91,7 +91,7 @@ class LoggerContext:
         return self.logger
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+                 tb: TracebackType | None) -> Literal[False]:
         if exc is not None and not _is_control_flow(exc):
             exc_context = getattr(exc, "context", None)
             self.logger.log(

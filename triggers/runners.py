@@ -105,12 +105,13 @@ class CeleryTaskRunner(BaseTaskRunner):
 
         name = task_instance.config.run
         message = manager.build_task_message(task_instance)
-        countdown = task_instance.metadata.get("cooldown") or None
+        cooldown = float(task_instance.metadata.get("cooldown") or 0)
+        options = {"countdown": cooldown} if cooldown > 0 else {}
         if find_task(name) is None:
             # Worker-only task modules need not be importable here: send by name.
-            current_app.send_task(name, kwargs=message, countdown=countdown)
+            current_app.send_task(name, kwargs=message, **options)
         else:
-            self.resolve(name).apply_async(kwargs=message, countdown=countdown)
+            self.resolve(name).apply_async(kwargs=message, **options)
 
 
 class ThreadingTaskRunner(BaseTaskRunner):

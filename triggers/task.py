@@ -146,7 +146,7 @@ class TaskContext:
         return LoggerContext(logging.getLogger(name), base, self._levels)
 
 
-class TriggerTask(Task):  # type: ignore[misc]
+class TriggerTask(Task):  # type: ignore[type-arg]
     """Base class of the Celery tasks that trigger configurations run.
 
     Implement :meth:`_run`; ``run`` is provided: it loads the session, moves the
@@ -291,7 +291,7 @@ def _register_with_apps(cls: type[TriggerTask]) -> None:
             app.register_task(cls())
 
     celery_state.connect_on_app_finalize(register)
-    for app in celery_state._get_active_apps():
+    for app in celery_state._get_active_apps():  # type: ignore[attr-defined]
         if app.finalized:
             with app._finalize_mutex:
                 register(app)
