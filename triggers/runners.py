@@ -106,7 +106,7 @@ class CeleryTaskRunner(BaseTaskRunner):
         name = task_instance.config.run
         message = manager.build_task_message(task_instance)
         cooldown = float(task_instance.metadata.get("cooldown") or 0)
-        options = {"countdown": cooldown} if cooldown > 0 else {}
+        options: dict[str, Any] = {"countdown": cooldown} if cooldown > 0 else {}
         if find_task(name) is None:
             # Worker-only task modules need not be importable here: send by name.
             current_app.send_task(name, kwargs=message, **options)
