@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import traceback as traceback_module
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -189,6 +190,42 @@ class TriggerManager:
         """Instances that are not finished, abandoned, replayed or skipped."""
         return self.storage.get_unresolved_instances()
 
+    def recover(self, older_than: float = 300.0) -> list[TaskInstance]:
+        """Re-dispatch instances stuck in ``scheduled`` or ``running``; returns them.
+
+        An instance is stuck when it has been ``scheduled`` (its message was lost,
+        or the broker was down) or ``running`` (its worker died) for at least
+        ``older_than`` seconds. A running one goes back to ``scheduled`` first:
+        its old run can no longer record an outcome. Exactly-once start still
+        holds for every dispatch; choose ``older_than`` above your longest task,
+        since a run that is merely slow would otherwise be started again.
+        """
+        if not isinstance(older_than, (int, float)) or older_than < 0:
+            raise InvalidArgument(f"older_than must be a number of seconds >= 0, got {older_than!r}")
+        limit = now() - older_than
+        stuck: list[TaskInstance] = []
+        with self.storage.atomic() as step:
+            for instance in list(step.state.open.values()):
+                if instance.status == STATUS_SCHEDULED:
+                    since = instance.metadata.get("scheduled", instance.metadata.get("modified", 0))
+                elif instance.status == STATUS_RUNNING:
+                    since = instance.metadata.get("started", instance.metadata.get("modified", 0))
+                else:
+                    continue
+                if float(since) > limit:
+                    continue
+                previous = instance.status.value
+                instance.metadata.pop("run", None)
+                instance.set_status(STATUS_SCHEDULED, scheduled=now(), recovered_from=previous,
+                                    recoveries=int(instance.metadata.get("recoveries", 0)) + 1)
+                step.save(instance)
+                stuck.append(instance)
+        for instance in stuck:
+            logger.warning("Recovering %s of session %r (was %s)", instance.name,
+                           self.storage.uid, instance.metadata["recovered_from"])
+        self._dispatch(stuck)
+        return stuck
+
     # ------------------------------------------------------------------
     # Hooks.
     # ------------------------------------------------------------------
@@ -242,15 +279,16 @@ class TriggerManager:
                     name, self.storage.uid, instance.status.value,
                 )
                 return None
-            instance.set_status(STATUS_RUNNING, started=now())
+            instance.set_status(STATUS_RUNNING, started=now(), run=secrets.token_hex(4),
+                                attempts=int(instance.metadata.get("attempts", 0)) + 1)
             instance.metadata.pop("dispatch_error", None)
             step.save(instance)
             return instance.copy()
 
-    def _finish_instance(self, name: str, result: Kwargs, log_level: int) -> None:
+    def _finish_instance(self, started: TaskInstance, result: Kwargs, log_level: int) -> None:
         """``running`` → ``finished`` and the cascade, in one atomic step."""
         with self.storage.atomic() as step:
-            instance = self._running(step, name)
+            instance = self._running(step, started)
             if instance is None:
                 return
             instance.set_status(STATUS_FINISHED, result=result, finished=now(),
@@ -259,7 +297,7 @@ class TriggerManager:
             scheduled = self._apply_trigger(step, instance.task_name, result)
         self._after_step(instance.task_name, scheduled)
 
-    def _fail_instance(self, name: str, exc: BaseException, log_level: int) -> None:
+    def _fail_instance(self, started: TaskInstance, exc: BaseException, log_level: int) -> None:
         context = getattr(exc, "context", None)
         meta: dict[str, Any] = {
             "exc_type": _qualname(type(exc)),
@@ -270,27 +308,28 @@ class TriggerManager:
         if isinstance(context, Mapping):
             meta["exc_context"] = _json_copy_lenient(context)
         with self.storage.atomic() as step:
-            instance = self._running(step, name)
+            instance = self._running(step, started)
             if instance is None:
                 return
             instance.set_status(STATUS_FAILED, log_level=max(log_level, instance.log_level), **meta)
             step.save(instance)
 
-    def _skip_running_instance(self, name: str, metadata: Kwargs, log_level: int) -> None:
+    def _skip_running_instance(self, started: TaskInstance, metadata: Kwargs, log_level: int
+                               ) -> None:
         with self.storage.atomic() as step:
-            instance = self._running(step, name)
+            instance = self._running(step, started)
             if instance is None:
                 return
             instance.set_status(STATUS_SKIPPED, finished=now(),
                                 log_level=max(log_level, instance.log_level), **metadata)
             step.save(instance)
 
-    def _retry_instance(self, name: str, replacement_kwargs: dict[str, Kwargs] | None,
+    def _retry_instance(self, started: TaskInstance, replacement_kwargs: dict[str, Kwargs] | None,
                         cooldown: float | None, metadata: Kwargs, log_level: int,
                         exc: BaseException | None) -> TaskInstance | None:
         """``running`` → ``replayed``, and a copy (depth + 1) scheduled after ``cooldown``."""
         with self.storage.atomic() as step:
-            instance = self._running(step, name)
+            instance = self._running(step, started)
             if instance is None:
                 return None
             meta = dict(metadata)
@@ -400,12 +439,16 @@ class TriggerManager:
         except Exception:  # noqa: BLE001 - the storage itself is failing; already logged above
             logger.exception("Could not record the dispatch error of %s", name)
 
-    def _running(self, step: SessionStep, name: str) -> TaskInstance | None:
-        instance = step.instance(name)
-        if instance.status != STATUS_RUNNING:
+    def _running(self, step: SessionStep, started: TaskInstance) -> TaskInstance | None:
+        """The instance, if it is still running the run that ``started`` began."""
+        instance = step.instance(started.name)
+        run = started.metadata.get("run")
+        if instance.status != STATUS_RUNNING or instance.metadata.get("run") != run:
             logger.warning(
-                "Not recording the outcome of %s in session %r: it is %s, no longer running.",
-                name, self.storage.uid, instance.status.value,
+                "Not recording the outcome of run %s of %s in session %r: the instance is %s "
+                "(run %s) now; it was changed or recovered meanwhile.",
+                run, started.name, self.storage.uid, instance.status.value,
+                instance.metadata.get("run"),
             )
             return None
         return instance

@@ -196,18 +196,18 @@ class TriggerTask(Task):  # type: ignore[type-arg]
             result = self._run(context)
             cascade = _result_kwargs(result, instance)
         except RetryInstance as retry:
-            manager._retry_instance(instance_name, retry.replacement_kwargs, retry.cooldown,
+            manager._retry_instance(instance, retry.replacement_kwargs, retry.cooldown,
                                     retry.metadata, context.log_level, retry.exc)
             return None
         except SkipInstance as skip:
-            manager._skip_running_instance(instance_name, skip.metadata, context.log_level)
+            manager._skip_running_instance(instance, skip.metadata, context.log_level)
             return None
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the instance
             logger.error("%s of session %r failed: %s: %s", instance_name, manager.storage.uid,
                          type(exc).__name__, exc, exc_info=True)
-            manager._fail_instance(instance_name, exc, max(context.log_level, logging.ERROR))
+            manager._fail_instance(instance, exc, max(context.log_level, logging.ERROR))
             return None
-        manager._finish_instance(instance_name, cascade, context.log_level)
+        manager._finish_instance(instance, cascade, context.log_level)
         return cascade
 
     def _run(self, context: TaskContext) -> Mapping[str, Any] | None:
