@@ -50,6 +50,10 @@ CACHES = {
     },
 }
 
+# Each test run (and the workers it starts) uses queues of its own.
+TEST_QUEUE = os.environ.setdefault("TRIGGERS_TEST_QUEUE", f"triggers-tests-{os.getpid()}")
+CELERY_TASK_DEFAULT_QUEUE = TEST_QUEUE
+CELERY_TASK_ROUTES = {"tests.Routed": {"queue": f"{TEST_QUEUE}-routed"}}
 CELERY_BROKER_URL = BROKER_URL
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True

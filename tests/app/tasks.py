@@ -139,3 +139,54 @@ class FilterKwargs(TriggerTask):
 def plain_celery_task():
     """A plain Celery task: trigger configurations must refuse it."""
     return None
+
+
+def _redis():
+    import redis
+    from django.conf import settings
+
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+def execution_key(uid, instance_name):
+    return f"executions:{uid}:{instance_name}"
+
+
+class Count(TriggerTask):
+    """Counts its executions in Redis (per session and instance), optionally sleeping first."""
+
+    name = "tests.Count"
+
+    def _run(self, context):
+        import time
+
+        client = _redis()
+        client.incr(execution_key(context.session_uid, context.task_instance.name))
+        client.incr(f"executions:{context.session_uid}")
+        seconds = 0
+        for kwargs in context.trigger_kwargs.values():
+            seconds = max(seconds, kwargs.get("sleep", 0) if isinstance(kwargs, dict) else 0)
+        if seconds:
+            client.set(f"started:{context.session_uid}:{context.task_instance.name}", 1)
+            time.sleep(seconds)
+        return {"instance": context.task_instance.name}
+
+
+class Routed(TriggerTask):
+    """Returns the queue its message came through (routing applies)."""
+
+    name = "tests.Routed"
+
+    def _run(self, context):
+        return {"routing_key": (self.request.delivery_info or {}).get("routing_key")}
+
+
+class RetryLater(TriggerTask):
+    """Retries once, two seconds later."""
+
+    name = "tests.RetryLater"
+
+    def _run(self, context):
+        if self.request.retries == 0:
+            raise self.retry(cooldown=2)
+        return {"depth": self.request.retries}
