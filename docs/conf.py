@@ -55,23 +55,19 @@ autodoc_inherit_docstrings = False
 # Types from the standard library and third-party packages cannot be linked
 # without intersphinx (the build runs offline); they are shown as plain text.
 nitpick_ignore_regex = [
-    (r"py:.*", r"(collections\.abc|typing|types|contextlib|enum|logging|threading)\..*"),
-    (r"py:.*", r"(celery|class_registry|redis|redis_lock|django|filters)(\..*)?"),
-    (r"py:.*", r"(Any|Mapping|Iterable|Iterator|Sequence|Callable|Set|Hashable|NoReturn|E)"),
-    (r"py:.*", r"(AbstractContextManager|TracebackType|Protocol|Exception|BaseException)"),
-    (r"py:.*", r"(ValueError|KeyError|TypeError|LookupError|RuntimeError|TimeoutError)"),
-    (r"py:.*", r"(str|int|float|bool|dict|list|tuple|set|frozenset|type|object|None)"),
-    (r"py:.*", r"(Task|RegistryKeyError|EntryPointClassRegistry|Logger)"),
-    (r"py:.*", r"(Kwargs|TaskStatus\.\w+|triggers\.exceptions\.E)"),
+    (r"py:class", r"(collections\.abc|contextlib|enum|logging)\.\w+"),
+    (r"py:class", r"(celery|class_registry)\..+"),
+    # The type variable of triggers.exceptions.with_context.
+    (r"py:class", r"triggers\.exceptions\.E"),
 ]
 
 
 # -- Resolving short names ------------------------------------------------------
 #
-# Docstrings refer to classes by their short names (``TaskConfig``,
-# ``TaskContext.filter_kwargs`` …) and ``from __future__ import annotations``
-# leaves some annotations as bare names.  Resolve such a reference when exactly
-# one documented object of the package ends with that name.
+# The package's docstrings refer to some objects by short names
+# (``TaskConfig`` in triggers.config, ``TaskContext.filter_kwargs`` in
+# triggers.exceptions …).  Resolve such a reference when exactly one documented
+# object of the package ends with that name.
 
 
 def _resolve_short_name(app, env, node, contnode):

@@ -14,6 +14,7 @@ works on any Django cache through the atomic ``cache.add``;
 
 from __future__ import annotations
 
+import random
 import secrets
 import threading
 import time
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 import redis_lock
 
-from triggers.exceptions import LockError, LockNotReentrant, LockTimeout
+from triggers.exceptions import LockNotReentrant, LockTimeout
 
 __all__ = [
     "DEFAULT_LOCK_EXPIRE",
@@ -91,34 +92,43 @@ class _BaseLock:
             self._release()
 
 
-class RedisSessionLock(_BaseLock):
-    """python-redis-lock with expiry, automatic renewal and a bounded wait.
+class _PollingRedisLock(redis_lock.Lock):  # type: ignore[misc]
+    """python-redis-lock's Lock, acquired by polling ``SET NX`` instead of ``BLPOP``.
 
-    python-redis-lock waits in ``BLPOP`` for a release signal. A holder that
-    dies (or whose key expires) sends no signal, so the waiter must wake up by
-    itself: ``acquire`` is always given a timeout, and the BLPOP wait is bounded
-    by the expiry, after which ``SET NX`` is tried again.
+    The library's waiters block in ``BLPOP`` on a signal list: each waiter holds
+    a connection of the pool for as long as it waits (hundreds of waiting threads
+    exhaust redis-py's default pool of 100 connections), a ``BLPOP`` longer than
+    the client's socket timeout fails with a TimeoutError, and a holder that dies
+    sends no signal at all. Polling with a short back-off holds no connection
+    while waiting and notices an expired lock at once. Expiry, renewal and the
+    atomic compare-and-delete release stay the library's.
     """
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            if self._client.set(self._name, self._id, nx=True, ex=self._expire):
+                if self._lock_renewal_interval is not None:
+                    self._start_lock_renewer()
+                return True
+            if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                return False
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+
+
+class RedisSessionLock(_BaseLock):
+    """python-redis-lock with expiry, automatic renewal and a bounded, polling wait."""
 
     def __init__(self, client: Any, name: str, session_uid: str,
                  expire: int = DEFAULT_LOCK_EXPIRE, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         super().__init__(name, session_uid, expire, timeout)
-        self._lock = redis_lock.Lock(client, name, expire=self.expire, auto_renewal=True)
+        self._lock = _PollingRedisLock(client, name, expire=self.expire, auto_renewal=True)
 
     def _acquire(self) -> bool:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            # python-redis-lock truncates the timeout to whole seconds and treats 0
-            # as "wait forever", so wait in slices of at least one second.
-            wait = max(1, min(int(remaining + 0.999), self.expire))
-            try:
-                if self._lock.acquire(blocking=True, timeout=wait):
-                    return True
-            except redis_lock.AlreadyAcquired as exc:  # pragma: no cover - same id reused
-                raise LockError(f"Lock {self.name!r} is already held by this lock object") from exc
+        acquired: bool = self._lock.acquire(blocking=True, timeout=self.timeout)
+        return acquired
 
     def _release(self) -> None:
         try:
@@ -150,7 +160,7 @@ class CacheSessionLock(_BaseLock):
                 return True
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(delay)
+            time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.05)
 
     def _release(self) -> None:
