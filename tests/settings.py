@@ -43,6 +43,12 @@ CACHES = {
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "triggers-tests-builtin",
     },
+    # A Redis server that test_faults.py starts, stops and restarts itself.
+    "restartable": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": "redis://127.0.0.1:6391/0",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 2},
+    },
     # Local memory: single-process use.
     "locmem": {
         "BACKEND": "django.core.cache.backends.locmem.LocMemCache",

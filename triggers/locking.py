@@ -14,6 +14,7 @@ works on any Django cache through the atomic ``cache.add``;
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import threading
@@ -22,9 +23,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+import redis
 import redis_lock
 
-from triggers.exceptions import LockNotReentrant, LockTimeout
+from triggers.exceptions import LockError, LockNotReentrant, LockTimeout
 
 __all__ = [
     "DEFAULT_LOCK_EXPIRE",
@@ -39,6 +41,8 @@ __all__ = [
 DEFAULT_LOCK_EXPIRE = 30
 #: Seconds a caller waits for a session lock before LockTimeout.
 DEFAULT_LOCK_TIMEOUT = 60
+
+logger = logging.getLogger(__name__)
 
 _held = threading.local()
 
@@ -89,7 +93,13 @@ class _BaseLock:
             yield
         finally:
             held.discard(self.name)
-            self._release()
+            try:
+                self._release()
+            except Exception:  # noqa: BLE001 - never mask the block's own outcome
+                logger.warning(
+                    "Could not release the lock of session %r (%s); it expires by itself "
+                    "within %s s.", self.session_uid, self.name, self.expire, exc_info=True,
+                )
 
 
 class _PollingRedisLock(redis_lock.Lock):  # type: ignore[misc]
@@ -127,7 +137,14 @@ class RedisSessionLock(_BaseLock):
         self._lock = _PollingRedisLock(client, name, expire=self.expire, auto_renewal=True)
 
     def _acquire(self) -> bool:
-        acquired: bool = self._lock.acquire(blocking=True, timeout=self.timeout)
+        try:
+            acquired: bool = self._lock.acquire(blocking=True, timeout=self.timeout)
+        except redis.RedisError as exc:
+            raise LockError(
+                f"Could not take the lock of session {self.session_uid!r}: Redis failed "
+                f"({type(exc).__name__}: {exc}). Nothing was changed.",
+                session_uid=self.session_uid,
+            ) from exc
         return acquired
 
     def _release(self) -> None:

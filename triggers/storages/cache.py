@@ -194,6 +194,26 @@ class CacheStorageBackend(BaseTriggerStorage):
                 session_uid=self.uid,
             ) from exc
 
+    @classmethod
+    def session_uids(cls, cache: str = "default") -> list[str]:
+        """UIDs of every session stored in a Redis cache alias (SCAN; not the hot path)."""
+        from django.core.cache import caches
+
+        backend = caches[cache]
+        client = _redis_client(backend)
+        if client is None:
+            raise InvalidArgument(
+                f"Cache {cache!r} is not a Redis cache: its sessions cannot be listed; "
+                "name the session UIDs explicitly."
+            )
+        pattern = str(backend.make_key("triggers:{*}:state"))
+        uids = set()
+        for key in client.scan_iter(match=pattern, count=1000):
+            text = key.decode() if isinstance(key, bytes) else key
+            start = text.index("triggers:{") + len("triggers:{")
+            uids.add(text[start:text.rindex("}:state")])
+        return sorted(uids)
+
     def delete(self) -> None:
         """Remove everything this session stored."""
         state = self._read_state()

@@ -1,0 +1,173 @@
+"""Faults: a killed lock holder, the broker down, Redis stopped or restarted mid-fire."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from io import StringIO
+
+import pytest
+import redis
+from django.core.management import call_command
+
+from tests.workers import ROOT, Worker, wait_for
+from triggers import CacheStorageBackend, TriggerManager
+from triggers.exceptions import StorageError
+
+RESTART_PORT = 6391
+
+
+def child_env(**extra):
+    env = dict(os.environ)
+    env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_child(code, **env):
+    script = "import django\ndjango.setup()\n" + textwrap.dedent(code)
+    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=child_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_killed_lock_holder_blocks_for_at_most_the_expiry(uid):
+    """A process SIGKILLed while holding a session lock blocks it no longer than the expiry."""
+    holder = run_child(f"""
+        import time
+        from triggers import CacheStorageBackend
+        storage = CacheStorageBackend({uid!r}, lock_expire=3)
+        with storage.acquire_lock():
+            print("locked", flush=True)
+            time.sleep(600)
+    """)
+    assert holder.stdout.readline().strip() == "locked", holder.stdout.read()
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.wait(10)
+    killed_at = time.monotonic()
+    storage = CacheStorageBackend(uid, lock_timeout=20)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.Echo"}})
+    waited = time.monotonic() - killed_at
+    assert waited <= 3.5
+    manager.fire("a")
+    assert storage["t#0"].kwargs == {"a": {}}
+
+
+def test_broker_down_at_dispatch_records_and_recovers(uid):
+    """With the broker unreachable fire() records the trigger, the instance stays scheduled
+    with the dispatch error; recovery dispatches it once the broker is back."""
+    child = run_child(f"""
+        from triggers import CacheStorageBackend, TriggerManager
+        manager = TriggerManager(CacheStorageBackend({uid!r}))
+        manager.update_configuration({{"t": {{"after": ["go"], "run": "tests.Echo"}}}})
+        print("scheduled:", [i.name for i in manager.fire("go", {{"n": 1}})], flush=True)
+    """, TRIGGERS_TEST_BROKER_URL="amqp://guest:guest@127.0.0.1:1//")
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode == 0, output
+    assert "scheduled: ['t#0']" in output
+    storage = CacheStorageBackend(uid)
+    instance = storage["t#0"]
+    assert instance.status.value == "scheduled"
+    assert "OperationalError" in instance.metadata["dispatch_error"]
+    assert storage.latest_kwargs["go"] == {"n": 1}
+    worker = Worker().start()
+    try:
+        out = StringIO()
+        call_command("triggers", "recover", uid, "--older-than", "0", stdout=out)
+        assert f"{uid}: re-dispatched t#0 (was scheduled)" in out.getvalue()
+        wait_for(lambda: storage["t#0"].status.value == "finished", message="recovered t#0")
+    finally:
+        worker.stop()
+    assert "dispatch_error" not in storage["t#0"].metadata
+
+
+@pytest.fixture
+def own_redis():
+    """A Redis server of this test's own (port 6391), persistent across its restarts."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not on PATH; install Debian's redis-server package")
+    directory = tempfile.mkdtemp(prefix="triggers-redis-")
+
+    class Server:
+        process = None
+
+        def start(self):
+            self.process = subprocess.Popen(
+                ["redis-server", "--port", str(RESTART_PORT), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                 "--dir", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            client = redis.Redis(port=RESTART_PORT)
+            wait_for(lambda: _pings(client), timeout=20, message="the test's Redis server")
+
+        def kill(self):
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+        def stop(self):
+            if self.process and self.process.poll() is None:
+                self.process.terminate()
+                self.process.wait(10)
+
+    server = Server()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _pings(client):
+    try:
+        return client.ping()
+    except redis.RedisError:
+        return False
+
+
+def test_redis_stopped_and_restarted_around_fire(own_redis, uid, trigger_threading_runner):
+    """Redis down: fire() raises a clear StorageError; after a restart the state is consistent."""
+    storage = CacheStorageBackend(uid, cache="restartable", lock_expire=2, lock_timeout=10)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.Echo"}})
+    manager.fire("a", {"x": 1})
+    before = storage.debug_repr()
+
+    own_redis.kill()
+    with pytest.raises(StorageError, match=uid):
+        manager.fire("b", {"y": 2})
+
+    # Connection lost in the middle of fire(): after the read, before the write.
+    own_redis.start()
+    original = storage._write_state
+
+    def crash_then_write(changes):
+        own_redis.kill()
+        return original(changes)
+
+    storage._write_state = crash_then_write
+    with pytest.raises(StorageError, match=uid):
+        manager.fire("b", {"y": 2})
+    storage._write_state = original
+
+    own_redis.start()
+    assert storage.debug_repr() == before
+    manager.fire("b", {"y": 2})
+    from triggers.runners import ThreadingTaskRunner
+
+    ThreadingTaskRunner.join_all()
+    assert storage["t#0"].status.value == "finished"
+    assert storage["t#0"].metadata["result"] == {"seen": {"a": {"x": 1}, "b": {"y": 2}}}
+
+
+def test_recover_command_lists_sessions(uid):
+    """`manage.py triggers recover --all` finds sessions by scanning the Redis cache."""
+    manager = TriggerManager(CacheStorageBackend(uid))
+    manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.Echo"}})
+    assert uid in CacheStorageBackend.session_uids("default")
+    out = StringIO()
+    call_command("triggers", "recover", "--all", "--older-than", "3600", stdout=out)
+    assert "Recovered 0 instance(s)" in out.getvalue()

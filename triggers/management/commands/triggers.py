@@ -1,0 +1,127 @@
+"""``manage.py triggers``: inspect sessions, replay or skip failures, recover stuck instances."""
+
+from __future__ import annotations
+
+import json
+from argparse import ArgumentParser
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from triggers.exceptions import TriggersError
+from triggers.manager import TriggerManager, build_manager
+
+
+def _json_argument(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise CommandError(f"Not valid JSON: {value!r} ({exc})") from exc
+
+
+class Command(BaseCommand):
+    help = "Inspect trigger sessions, replay or skip failed instances, recover stuck ones."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True, parser_class=ArgumentParser)
+
+        def common(command: ArgumentParser) -> None:
+            command.add_argument("--manager", default="default",
+                                 help="registry key of the trigger manager (default: default)")
+            command.add_argument("--storage", default="cache",
+                                 help="registry key of the storage backend (default: cache)")
+            command.add_argument("--cache", default="default",
+                                 help="cache alias for the cache storage (default: default)")
+
+        inspect = sub.add_parser("inspect", help="show a session's tasks and instances")
+        inspect.add_argument("uid")
+        inspect.add_argument("--json", action="store_true", help="print the session as JSON")
+        common(inspect)
+
+        replay = sub.add_parser("replay", help="replay a failed instance")
+        replay.add_argument("uid")
+        replay.add_argument("instance")
+        replay.add_argument("--kwargs", type=_json_argument,
+                            help="replacement kwargs as JSON: {trigger: {kwarg: value}}")
+        common(replay)
+
+        skip = sub.add_parser("skip", help="skip a failed instance")
+        skip.add_argument("uid")
+        skip.add_argument("instance")
+        skip.add_argument("--cascade", action="store_true", help="fire the task's name")
+        skip.add_argument("--result", type=_json_argument, help="cascade kwargs as JSON")
+        common(skip)
+
+        recover = sub.add_parser("recover", help="re-dispatch instances stuck in scheduled/running")
+        recover.add_argument("uids", nargs="*", metavar="uid")
+        recover.add_argument("--all", action="store_true",
+                             help="every session of the cache (Redis caches only)")
+        recover.add_argument("--older-than", type=float, default=300.0,
+                             help="seconds an instance must have been stuck (default 300)")
+        common(recover)
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            getattr(self, f"do_{options['action']}")(options)
+        except TriggersError as exc:
+            raise CommandError(str(exc)) from exc
+
+    def manager(self, uid: str, options: dict[str, Any]) -> TriggerManager:
+        storage_options = {"cache": options["cache"]} if options["storage"] == "cache" else {}
+        return build_manager(options["manager"], options["storage"], uid, storage_options)
+
+    def do_inspect(self, options: dict[str, Any]) -> None:
+        storage = self.manager(options["uid"], options).storage
+        if options["json"]:
+            self.stdout.write(json.dumps(storage.debug_repr(), indent=2, sort_keys=True))
+            return
+        self.stdout.write(f"Session {storage.uid}")
+        self.stdout.write("Tasks:")
+        unresolved = {config.name for config in storage.get_unresolved_tasks()}
+        for name, config in storage.tasks.items():
+            state = "unresolved" if name in unresolved else "resolved"
+            self.stdout.write(f"  {name:<30} {state:<10} {json.dumps(config.to_dict())}")
+        self.stdout.write("Instances:")
+        for instance in storage:
+            line = f"  {instance.name:<30} {instance.status.value:<10}"
+            if instance.status.value == "failed":
+                line += f" {instance.metadata.get('exc_type')}: {instance.metadata.get('exc_message')}"
+            elif "result" in instance.metadata:
+                line += f" result={json.dumps(instance.metadata['result'])}"
+            if instance.metadata.get("dispatch_error"):
+                line += f" dispatch_error={instance.metadata['dispatch_error']}"
+            self.stdout.write(line)
+            if instance.status.value == "failed" and instance.metadata.get("exc_traceback"):
+                for tb_line in str(instance.metadata["exc_traceback"]).rstrip().splitlines():
+                    self.stdout.write(f"      {tb_line}")
+
+    def do_replay(self, options: dict[str, Any]) -> None:
+        manager = self.manager(options["uid"], options)
+        clone = manager.replay_failed_instance(options["instance"], options["kwargs"])
+        self.stdout.write(f"{options['instance']} replayed as {clone.name} ({clone.status.value})")
+
+    def do_skip(self, options: dict[str, Any]) -> None:
+        manager = self.manager(options["uid"], options)
+        manager.skip_failed_instance(options["instance"], cascade=options["cascade"],
+                                     result=options["result"])
+        self.stdout.write(f"{options['instance']} skipped"
+                          + (" (cascade fired)" if options["cascade"] else ""))
+
+    def do_recover(self, options: dict[str, Any]) -> None:
+        uids = list(options["uids"])
+        if options["all"]:
+            if options["storage"] != "cache":
+                raise CommandError("--all lists sessions of the cache storage only")
+            from triggers.storages.cache import CacheStorageBackend
+
+            uids += CacheStorageBackend.session_uids(options["cache"])
+        if not uids:
+            raise CommandError("Name the session UIDs to recover, or use --all")
+        total = 0
+        for uid in uids:
+            recovered = self.manager(uid, options).recover(options["older_than"])
+            for instance in recovered:
+                self.stdout.write(f"{uid}: re-dispatched {instance.name} "
+                                  f"(was {instance.metadata.get('recovered_from')})")
+            total += len(recovered)
+        self.stdout.write(f"Recovered {total} instance(s) in {len(uids)} session(s).")
