@@ -189,3 +189,41 @@ def test_pickled_value_is_never_unpickled(uid):
     raw_redis(storage).set(storage._state_key(), pickle.dumps(Boom()))
     with pytest.raises(CorruptSessionState, match=uid):
         TriggerManager(storage).fire("a")
+
+
+def test_held_lock_is_renewed(uid):
+    """A holder that keeps the lock longer than its expiry keeps it (automatic renewal)."""
+    holder = CacheStorageBackend(uid, lock_expire=1)
+    waiter = CacheStorageBackend(uid, lock_expire=1, lock_timeout=2.5)
+    with holder.acquire_lock():
+        with pytest.raises(LockTimeout):
+            errors = []
+
+            def wait():
+                try:
+                    with waiter.acquire_lock():
+                        pass
+                except LockTimeout as exc:
+                    errors.append(exc)
+
+            thread = threading.Thread(target=wait)
+            thread.start()
+            thread.join()
+            raise errors[0]
+    with waiter.acquire_lock():
+        pass
+
+
+def test_late_message_for_a_replayed_instance_is_ignored(uid, trigger_threading_runner):
+    """A late delivery for an instance that was replayed starts nothing and changes nothing."""
+    from triggers.runners import CeleryTaskRunner
+
+    manager = TriggerManager(CacheStorageBackend(uid))
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Retry"}})
+    manager.fire("go", {"succeed_at": 1})
+    ThreadingTaskRunner.join_all()
+    before = manager.storage.debug_repr()
+    task = CeleryTaskRunner.resolve("tests.Retry")
+    for name in ("t#0", "t#1"):
+        assert task.execute_in_thread(TriggerManager(CacheStorageBackend(uid)), name) is None
+    assert manager.storage.debug_repr() == before
