@@ -744,9 +744,9 @@ def test_corrupt_state_in_locmem_cache(uid, no_dispatch, trigger_threading_runne
 @pytest.mark.parametrize("garbage", [b"not json", b"[]", pickle.dumps({"task": "t_done"})])
 def test_corrupt_resolved_instance_in_redis(ran, storage, redis_server, no_dispatch, garbage):
     """Garbage at a resolved instance's key raises CorruptSessionState wherever it is read."""
-    key = storage.cache.make_key("triggers:{" + storage.uid + "}:i:t_done#0")
-    assert redis_server.get(key) is not None  # the finished instance is stored there
-    redis_server.set(key, garbage)
+    key = storage.cache.make_key("triggers:{" + storage.uid + "}:done")
+    assert redis_server.hget(key, "t_done#0") is not None  # the finished instance is stored there
+    redis_server.hset(key, "t_done#0", garbage)
     state_key = storage.cache.make_key("triggers:{" + storage.uid + "}:state")
     state_before = redis_server.get(state_key)
     for read in (lambda: storage.instances, lambda: storage["t_done#0"],
@@ -757,7 +757,7 @@ def test_corrupt_resolved_instance_in_redis(ran, storage, redis_server, no_dispa
         ran.replay_failed_instance("t_done#0")
     with pytest.raises(CorruptSessionState, match=re.escape(storage.uid)):
         ran.update_instance_metadata("t_done#0", {"x": 1})
-    assert redis_server.get(key) == garbage
+    assert redis_server.hget(key, "t_done#0") == garbage
     assert redis_server.get(state_key) == state_before
     assert no_dispatch == []
 

@@ -163,11 +163,18 @@ def test_redis_stopped_and_restarted_around_fire(own_redis, uid, trigger_threadi
     assert storage["t#0"].metadata["result"] == {"seen": {"a": {"x": 1}, "b": {"y": 2}}}
 
 
-def test_recover_command_lists_sessions(uid):
-    """`manage.py triggers recover --all` finds sessions by scanning the Redis cache."""
+def test_recover_command_lists_sessions(uid, redis_server):
+    """`triggers recover --all` scans the Redis cache, reports a corrupt session, goes on."""
+    from django.core.management.base import CommandError
+
     manager = TriggerManager(CacheStorageBackend(uid))
     manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.Echo"}})
-    assert uid in CacheStorageBackend.session_uids("default")
-    out = StringIO()
-    call_command("triggers", "recover", "--all", "--older-than", "3600", stdout=out)
+    corrupt = CacheStorageBackend(f"{uid}-corrupt")
+    redis_server.set(corrupt._state_key(), b"not json")
+    assert {uid, corrupt.uid} <= set(CacheStorageBackend.session_uids("default"))
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError, match=f"could not be recovered: .*{corrupt.uid}"):
+        call_command("triggers", "recover", "--all", "--older-than", "3600",
+                     stdout=out, stderr=err)
+    assert f"{corrupt.uid}: not recovered: Stored state of session" in err.getvalue()
     assert "Recovered 0 instance(s)" in out.getvalue()

@@ -34,10 +34,9 @@ def test_state_is_json_under_one_hash_tag(alias, uid):
     client = raw_redis(storage)
     keys = sorted(k.decode() for k in client.keys(f"*{{{uid}}}*")
                   if not k.startswith(b"lock"))
-    assert len(keys) == 2
-    assert all(f"{{{uid}}}" in key for key in keys)
-    for key in keys:
-        raw = client.get(key)
+    assert keys == sorted([storage._state_key(), storage._done_key()])
+    values = [client.get(storage._state_key()), client.hget(storage._done_key(), "t#0")]
+    for raw in values:
         assert not raw.startswith(b"\x80")  # not a pickle
         json.loads(raw)
     state = json.loads(client.get(storage._state_key()))
@@ -58,9 +57,15 @@ def test_timeout(alias, uid):
     limited = CacheStorageBackend(uid, cache=alias, timeout=120)
     TriggerManager(limited).update_configuration(CONFIG)
     assert 0 < raw_redis(limited).ttl(limited._state_key()) <= 120
+    manager = TriggerManager(limited)
+    manager.update_instance_status(limited.create_instance("t_once"), "finished")
+    assert 0 < raw_redis(limited).ttl(limited._done_key()) <= 120
     forever = CacheStorageBackend(uid + "f", cache=alias, timeout=None)
-    TriggerManager(forever).update_configuration(CONFIG)
+    manager = TriggerManager(forever)
+    manager.update_configuration(CONFIG)
+    manager.update_instance_status(forever.create_instance("t_once"), "finished")
     assert raw_redis(forever).ttl(forever._state_key()) == -1
+    assert raw_redis(forever).ttl(forever._done_key()) == -1
 
 
 def test_resolved_instances_are_stored_apart(uid):
@@ -82,7 +87,7 @@ def test_resolved_instances_are_stored_apart(uid):
     manager.update_instance_status("t_pages#2", "failed")
     state = json.loads(raw_redis(storage).get(storage._state_key()))
     assert list(state["open"]) == ["t_pages#2"]
-    assert raw_redis(storage).get(storage._instance_key("t_pages#2")) is None
+    assert raw_redis(storage).hget(storage._done_key(), "t_pages#2") is None
     assert storage["t_pages#2"].status.value == "failed"
 
 

@@ -36,6 +36,15 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
+def _with_lists(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry with ``after`` / ``unless`` sets as lists (they may be given as sets)."""
+    data = dict(entry)
+    for directive in (DIRECTIVE_AFTER, DIRECTIVE_UNLESS):
+        if isinstance(data.get(directive), (set, frozenset)):
+            data[directive] = sorted(data[directive], key=str)
+    return data
+
+
 def validate_trigger_name(name: Any) -> str | None:
     """Return what is wrong with a trigger name, or ``None`` if it is fine."""
     if not isinstance(name, str):
@@ -200,7 +209,7 @@ def validate_configuration(
 
         if not stored:
             try:
-                json.dumps(entry, allow_nan=False)
+                json.dumps(_with_lists(entry), allow_nan=False)
             except (TypeError, ValueError) as exc:
                 problem(task_name, None, f"the entry must be JSON-serialisable ({exc})")
 

@@ -207,7 +207,9 @@ class TriggerManager:
         with self.storage.atomic() as step:
             for instance in list(step.state.open.values()):
                 if instance.status == STATUS_SCHEDULED:
-                    since = instance.metadata.get("scheduled", instance.metadata.get("modified", 0))
+                    # A retry waiting out its cooldown is not stuck until the cooldown ends.
+                    since = float(instance.metadata.get("scheduled", instance.metadata.get(
+                        "modified", 0))) + float(instance.metadata.get("cooldown") or 0)
                 elif instance.status == STATUS_RUNNING:
                     since = instance.metadata.get("started", instance.metadata.get("modified", 0))
                 else:

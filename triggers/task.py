@@ -116,7 +116,7 @@ class TaskContext:
             trigger: f.FilterMapper(spec) if isinstance(spec, Mapping) else spec
             for trigger, spec in filters.items()
         }, allow_extra_keys=True, allow_missing_keys=False)
-        data = {trigger: self.trigger_kwargs.get(trigger) for trigger in filters}
+        data = {trigger: self.trigger_kwargs.get(trigger, {}) for trigger in filters}
         runner = f.FilterRunner(mapper, data)
         if not runner.is_valid():
             errors = runner.get_errors()

@@ -11,7 +11,7 @@ unittest / Django::
             self.manager.update_configuration({...})
             self.manager.fire('firstPageReceived')
             self.manager.fire('questionnaireComplete')
-            self.assertInstanceFinished('t_importSubject#0', {'subject_id': 1})
+            self.assertInstanceFinished('t_importSubject#0')
 
 pytest (``pytest_plugins = ['triggers.testing']`` in a conftest)::
 

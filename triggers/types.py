@@ -102,10 +102,11 @@ class TaskConfig:
         extras: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
-        self.after: list[str] = list(after)
+        self.after: list[str] = sorted(after) if isinstance(after, (set, frozenset)) else list(after)
         self.run = run
         self.and_every = and_every
-        self.unless: list[str] = list(unless or ())
+        self.unless: list[str] = (sorted(unless) if isinstance(unless, (set, frozenset))
+                                  else list(unless or ()))
         self.with_params: dict[str, dict[str, Any]] = {
             key: dict(value) for key, value in (with_params or {}).items()
         }

@@ -4,15 +4,18 @@ Layout, every key sharing the hash tag ``{uid}`` so that a session's keys live
 on one Redis Cluster shard::
 
     triggers:{<uid>}:state      configuration, latest kwargs, counters, open instances
-    triggers:{<uid>}:i:<name>   one resolved instance (written once it is resolved)
+    triggers:{<uid>}:done       hash: resolved instance name -> instance (Redis caches)
+    triggers:{<uid>}:i:<name>   one resolved instance (other caches)
     lock:triggers:{<uid>}:lock  the session lock (python-redis-lock)
 
 Values are compact JSON. On a Redis cache (django-redis, or Django's built-in
 ``RedisCache``) the backend talks to Redis directly with the cache's
 connection, so values are stored as JSON text rather than through the cache's
-pickling serializer, and a write is one pipelined ``MULTI/EXEC``. On any other
-cache it goes through the cache API (``get``/``set_many``) and locks with the
-atomic ``cache.add``.
+pickling serializer, and a write is one pipelined ``MULTI/EXEC`` that also
+renews the expiry of the resolved-instances hash, so a session expires as a
+whole ``timeout`` seconds after its last change. On any other cache it goes
+through the cache API (``get``/``set_many``; each resolved instance is a key of
+its own, with its own expiry) and locks with the atomic ``cache.add``.
 """
 
 from __future__ import annotations
@@ -104,6 +107,9 @@ class CacheStorageBackend(BaseTriggerStorage):
     def _instance_key(self, name: str) -> str:
         return self._key("i:" + name)
 
+    def _done_key(self) -> str:
+        return self._key("done")
+
     # -- primitives ---------------------------------------------------------
 
     def _session_lock(self) -> AbstractContextManager[Any]:
@@ -163,30 +169,46 @@ class CacheStorageBackend(BaseTriggerStorage):
         names = list(names)
         if not names:
             return {}
-        keys = [self._instance_key(name) for name in names]
+        if self._redis is not None:
+            where = self._done_key()
+            try:
+                raws = self._redis.hmget(where, names)
+            except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
+                raise StorageError(
+                    f"Could not read session {self.uid!r} from cache {self.cache_alias!r}: {exc}",
+                    session_uid=self.uid,
+                ) from exc
+            wheres = [f"{where}[{name}]" for name in names]
+        else:
+            wheres = [self._instance_key(name) for name in names]
+            raws = self._get_raw(wheres)
         found = {}
-        for name, key, raw in zip(names, keys, self._get_raw(keys), strict=True):
+        for name, key, raw in zip(names, wheres, raws, strict=True):
             if raw is not None:
                 found[name] = instance_from_json(name, self._decode(raw, key), tasks, self.uid, key)
         return found
 
     def _write_state(self, changes: StateChanges) -> None:
-        values = {self._state_key(): dumps(changes.state.to_json())}
-        for name, instance in changes.resolved.items():
-            values[self._instance_key(name)] = dumps(instance.to_dict())
-        stale = [self._instance_key(name) for name in changes.unresolved]
+        state_value = dumps(changes.state.to_json())
+        resolved = {name: dumps(instance.to_dict()) for name, instance in changes.resolved.items()}
         try:
             if self._redis is not None:
+                done = self._done_key()
                 pipe = self._redis.pipeline(transaction=True)
-                for key, value in values.items():
-                    pipe.set(key, value, ex=self.timeout)
-                if stale:
-                    pipe.delete(*stale)
+                pipe.set(self._state_key(), state_value, ex=self.timeout)
+                if resolved:
+                    pipe.hset(done, mapping=resolved)
+                if changes.unresolved:
+                    pipe.hdel(done, *changes.unresolved)
+                if self.timeout is not None:
+                    pipe.expire(done, self.timeout)
                 pipe.execute()
             else:
+                values = {self._state_key(): state_value}
+                values.update({self._instance_key(n): v for n, v in resolved.items()})
                 self.cache.set_many(values, timeout=self.timeout)
-                if stale:
-                    self.cache.delete_many(stale)
+                if changes.unresolved:
+                    self.cache.delete_many([self._instance_key(n) for n in changes.unresolved])
         except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
             raise StorageError(
                 f"Could not write session {self.uid!r} to cache {self.cache_alias!r}: {exc}. "
@@ -216,14 +238,14 @@ class CacheStorageBackend(BaseTriggerStorage):
 
     def delete(self) -> None:
         """Remove everything this session stored."""
+        if self._redis is not None:
+            self._redis.delete(self._state_key(), self._done_key())
+            return
         state = self._read_state()
         keys = [self._state_key()]
         keys += [self._instance_key(f"{task}#{n}")
                  for task, count in state.counters.items() for n in range(count)]
-        if self._redis is not None:
-            self._redis.delete(*keys)
-        else:
-            self.cache.delete_many(keys)
+        self.cache.delete_many(keys)
 
 
 def _cache_aliases() -> list[str]:

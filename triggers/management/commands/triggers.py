@@ -19,6 +19,15 @@ def _json_argument(value: str) -> Any:
         raise CommandError(f"Not valid JSON: {value!r} ({exc})") from exc
 
 
+def _timeout_argument(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise CommandError(f"--timeout takes a number of seconds or 'none', got {value!r}") from exc
+
+
 class Command(BaseCommand):
     help = "Inspect trigger sessions, replay or skip failed instances, recover stuck ones."
 
@@ -32,6 +41,9 @@ class Command(BaseCommand):
                                  help="registry key of the storage backend (default: cache)")
             command.add_argument("--cache", default="default",
                                  help="cache alias for the cache storage (default: default)")
+            command.add_argument("--timeout", type=_timeout_argument, default=3600,
+                                 help="key timeout of the cache storage, as the application "
+                                      "uses it: seconds, or 'none' (default: 3600)")
 
         inspect = sub.add_parser("inspect", help="show a session's tasks and instances")
         inspect.add_argument("uid")
@@ -67,7 +79,9 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
 
     def manager(self, uid: str, options: dict[str, Any]) -> TriggerManager:
-        storage_options = {"cache": options["cache"]} if options["storage"] == "cache" else {}
+        storage_options: dict[str, Any] = {}
+        if options["storage"] == "cache":
+            storage_options = {"cache": options["cache"], "timeout": options["timeout"]}
         return build_manager(options["manager"], options["storage"], uid, storage_options)
 
     def do_inspect(self, options: dict[str, Any]) -> None:
@@ -117,11 +131,20 @@ class Command(BaseCommand):
             uids += CacheStorageBackend.session_uids(options["cache"])
         if not uids:
             raise CommandError("Name the session UIDs to recover, or use --all")
-        total = 0
+        total, failures = 0, []
         for uid in uids:
-            recovered = self.manager(uid, options).recover(options["older_than"])
+            try:
+                recovered = self.manager(uid, options).recover(options["older_than"])
+            except TriggersError as exc:
+                failures.append(uid)
+                self.stderr.write(f"{uid}: not recovered: {exc}")
+                continue
             for instance in recovered:
                 self.stdout.write(f"{uid}: re-dispatched {instance.name} "
                                   f"(was {instance.metadata.get('recovered_from')})")
             total += len(recovered)
-        self.stdout.write(f"Recovered {total} instance(s) in {len(uids)} session(s).")
+        self.stdout.write(f"Recovered {total} instance(s) in {len(uids) - len(failures)} "
+                          f"session(s).")
+        if failures:
+            raise CommandError(f"{len(failures)} session(s) could not be recovered: "
+                               f"{', '.join(failures)}")
