@@ -102,8 +102,8 @@ class TriggerManager:
         if problem:
             raise InvalidTrigger(f"Cannot fire in session {self.storage.uid!r}: {problem}")
         kwargs = check_kwargs(trigger_kwargs, f"trigger_kwargs of {trigger_name!r}", InvalidTrigger)
-        with self.storage.atomic() as step:
-            scheduled = self._apply_trigger(step, trigger_name, kwargs)
+        scheduled = self.storage.transact(
+            lambda step: self._apply_trigger(step, trigger_name, kwargs))
         self._after_step(trigger_name, scheduled)
         return scheduled
 
@@ -120,10 +120,12 @@ class TriggerManager:
         replacement = None
         if replacement_kwargs is not None:
             replacement = check_kwargs_map(replacement_kwargs, "replacement_kwargs")
-        with self.storage.atomic() as step:
+        def replay(step: SessionStep) -> TaskInstance:
             failed = step.instance(name)
             self._require(failed, failed.can_replay, "replayed", "only failed instances")
-            clone = self._replace_instance(step, failed, replacement, {})
+            return self._replace_instance(step, failed, replacement, {})
+
+        clone = self.storage.transact(replay)
         self._dispatch([clone])
         self._post_replay(clone)
         return clone
@@ -133,12 +135,16 @@ class TriggerManager:
         """Mark a failed instance ``skipped``; with ``cascade`` fire its task as if it succeeded."""
         name = self._instance_name(failed_instance)
         result_kwargs = check_kwargs(result, "result")
-        with self.storage.atomic() as step:
+        def skip(step: SessionStep) -> tuple[TaskInstance, list[TaskInstance]]:
             instance = step.instance(name)
             self._require(instance, instance.can_skip, "skipped", "only failed instances")
             instance.set_status(STATUS_SKIPPED, **({"result": result_kwargs} if cascade else {}))
             step.save(instance)
-            scheduled = self._apply_trigger(step, instance.task_name, result_kwargs) if cascade else []
+            if not cascade:
+                return instance, []
+            return instance, self._apply_trigger(step, instance.task_name, result_kwargs)
+
+        instance, scheduled = self.storage.transact(skip)
         if cascade:
             self._after_step(instance.task_name, scheduled)
         self._post_skip(instance, cascade)
@@ -156,11 +162,15 @@ class TriggerManager:
         new_status = check_status(status)
         meta = check_kwargs(metadata, "metadata")
         cascade_args = check_kwargs(cascade_kwargs, "cascade_kwargs")
-        with self.storage.atomic() as step:
+        def update(step: SessionStep) -> tuple[TaskInstance, list[TaskInstance]]:
             instance = step.instance(name)
             instance.set_status(new_status, **meta)
             step.save(instance)
-            scheduled = self._apply_trigger(step, instance.task_name, cascade_args) if cascade else []
+            if not cascade:
+                return instance, []
+            return instance, self._apply_trigger(step, instance.task_name, cascade_args)
+
+        instance, scheduled = self.storage.transact(update)
         if cascade:
             self._after_step(instance.task_name, scheduled)
         return instance
@@ -172,11 +182,13 @@ class TriggerManager:
         if metadata is None:
             raise InvalidArgument("metadata must be a mapping, got None")
         meta = check_kwargs(metadata, "metadata")
-        with self.storage.atomic() as step:
+        def update(step: SessionStep) -> TaskInstance:
             instance = step.instance(name)
             instance.metadata.update(meta)
             step.save(instance)
-        return instance
+            return instance
+
+        return self.storage.transact(update)
 
     def mark_instance_logs_resolved(self, task_instance: TaskInstance | str) -> TaskInstance:
         """Mark an instance's log messages as looked at (see get_instances_with_unresolved_logs)."""
@@ -203,8 +215,9 @@ class TriggerManager:
         if not isinstance(older_than, (int, float)) or older_than < 0:
             raise InvalidArgument(f"older_than must be a number of seconds >= 0, got {older_than!r}")
         limit = now() - older_than
-        stuck: list[TaskInstance] = []
-        with self.storage.atomic() as step:
+
+        def find_stuck(step: SessionStep) -> list[TaskInstance]:
+            stuck: list[TaskInstance] = []
             for instance in list(step.state.open.values()):
                 if instance.status == STATUS_SCHEDULED:
                     # A retry waiting out its cooldown is not stuck until the cooldown ends.
@@ -222,6 +235,9 @@ class TriggerManager:
                                     recoveries=int(instance.metadata.get("recoveries", 0)) + 1)
                 step.save(instance)
                 stuck.append(instance)
+            return stuck
+
+        stuck = self.storage.transact(find_stuck)
         for instance in stuck:
             logger.warning("Recovering %s of session %r (was %s)", instance.name,
                            self.storage.uid, instance.metadata["recovered_from"])
@@ -272,14 +288,10 @@ class TriggerManager:
 
     def _start_instance(self, name: str) -> TaskInstance | None:
         """Atomically move ``scheduled`` → ``running``; ``None`` for a duplicate delivery."""
-        with self.storage.atomic() as step:
+
+        def start(step: SessionStep) -> TaskInstance | None:
             instance = step.instance(name)
             if instance.status != STATUS_SCHEDULED:
-                logger.warning(
-                    "Ignoring a delivery of %s in session %r: it is %s, not scheduled "
-                    "(a duplicate or late message); nothing changed.",
-                    name, self.storage.uid, instance.status.value,
-                )
                 return None
             instance.set_status(STATUS_RUNNING, started=now(), run=secrets.token_hex(4),
                                 attempts=int(instance.metadata.get("attempts", 0)) + 1)
@@ -287,17 +299,31 @@ class TriggerManager:
             step.save(instance)
             return instance.copy()
 
+        started = self.storage.transact(start)
+        if started is None:
+            logger.warning(
+                "Ignoring a delivery of %s in session %r: it is not scheduled (a duplicate "
+                "or late message); nothing changed.", name, self.storage.uid,
+            )
+        return started
+
     def _finish_instance(self, started: TaskInstance, result: Kwargs, log_level: int) -> None:
         """``running`` → ``finished`` and the cascade, in one atomic step."""
-        with self.storage.atomic() as step:
+
+        def finish(step: SessionStep) -> list[TaskInstance] | None:
             instance = self._running(step, started)
             if instance is None:
-                return
+                return None
             instance.set_status(STATUS_FINISHED, result=result, finished=now(),
                                 log_level=max(log_level, instance.log_level))
             step.save(instance)
-            scheduled = self._apply_trigger(step, instance.task_name, result)
-        self._after_step(instance.task_name, scheduled)
+            return self._apply_trigger(step, instance.task_name, result)
+
+        scheduled = self.storage.transact(finish)
+        if scheduled is None:
+            self._log_stale_outcome(started)
+            return
+        self._after_step(started.task_name, scheduled)
 
     def _fail_instance(self, started: TaskInstance, exc: BaseException, log_level: int) -> None:
         context = getattr(exc, "context", None)
@@ -309,37 +335,46 @@ class TriggerManager:
         }
         if isinstance(context, Mapping):
             meta["exc_context"] = _json_copy_lenient(context)
-        with self.storage.atomic() as step:
-            instance = self._running(step, started)
-            if instance is None:
-                return
-            instance.set_status(STATUS_FAILED, log_level=max(log_level, instance.log_level), **meta)
-            step.save(instance)
+        self._end_running(started, STATUS_FAILED, meta, log_level)
 
     def _skip_running_instance(self, started: TaskInstance, metadata: Kwargs, log_level: int
                                ) -> None:
-        with self.storage.atomic() as step:
+        self._end_running(started, STATUS_SKIPPED, {"finished": now(), **metadata}, log_level)
+
+    def _end_running(self, started: TaskInstance, status: TaskStatus, metadata: Kwargs,
+                     log_level: int) -> None:
+        def end(step: SessionStep) -> bool:
             instance = self._running(step, started)
             if instance is None:
-                return
-            instance.set_status(STATUS_SKIPPED, finished=now(),
-                                log_level=max(log_level, instance.log_level), **metadata)
+                return False
+            instance.set_status(status, **metadata)
+            instance.metadata["log_level"] = max(log_level, instance.log_level)
             step.save(instance)
+            return True
+
+        if not self.storage.transact(end):
+            self._log_stale_outcome(started)
 
     def _retry_instance(self, started: TaskInstance, replacement_kwargs: dict[str, Kwargs] | None,
                         cooldown: float | None, metadata: Kwargs, log_level: int,
                         exc: BaseException | None) -> TaskInstance | None:
         """``running`` → ``replayed``, and a copy (depth + 1) scheduled after ``cooldown``."""
-        with self.storage.atomic() as step:
+        meta = dict(metadata)
+        if exc is not None:
+            meta["retry_reason"] = f"{_qualname(type(exc))}: {exc}"
+
+        def retry(step: SessionStep) -> TaskInstance | None:
             instance = self._running(step, started)
             if instance is None:
                 return None
-            meta = dict(metadata)
-            if exc is not None:
-                meta["retry_reason"] = f"{_qualname(type(exc))}: {exc}"
             instance.metadata["log_level"] = max(log_level, instance.log_level)
-            clone = self._replace_instance(step, instance, replacement_kwargs, meta, retry=True,
-                                           cooldown=cooldown)
+            return self._replace_instance(step, instance, replacement_kwargs, dict(meta),
+                                          retry=True, cooldown=cooldown)
+
+        clone = self.storage.transact(retry)
+        if clone is None:
+            self._log_stale_outcome(started)
+            return None
         self._dispatch([clone])
         return clone
 
@@ -433,27 +468,30 @@ class TriggerManager:
 
     def _record_dispatch_error(self, name: str, exc: Exception) -> None:
         try:
-            with self.storage.atomic() as step:
+            def record(step: SessionStep) -> None:
                 instance = step.instance(name)
                 if instance.status == STATUS_SCHEDULED:
                     instance.metadata["dispatch_error"] = f"{_qualname(type(exc))}: {exc}"
                     step.save(instance)
+
+            self.storage.transact(record)
         except Exception:  # noqa: BLE001 - the storage itself is failing; already logged above
             logger.exception("Could not record the dispatch error of %s", name)
 
     def _running(self, step: SessionStep, started: TaskInstance) -> TaskInstance | None:
         """The instance, if it is still running the run that ``started`` began."""
         instance = step.instance(started.name)
-        run = started.metadata.get("run")
-        if instance.status != STATUS_RUNNING or instance.metadata.get("run") != run:
-            logger.warning(
-                "Not recording the outcome of run %s of %s in session %r: the instance is %s "
-                "(run %s) now; it was changed or recovered meanwhile.",
-                run, started.name, self.storage.uid, instance.status.value,
-                instance.metadata.get("run"),
-            )
+        if (instance.status != STATUS_RUNNING
+                or instance.metadata.get("run") != started.metadata.get("run")):
             return None
         return instance
+
+    def _log_stale_outcome(self, started: TaskInstance) -> None:
+        logger.warning(
+            "Not recording the outcome of run %s of %s in session %r: the instance was "
+            "changed or recovered meanwhile.",
+            started.metadata.get("run"), started.name, self.storage.uid,
+        )
 
     def _require(self, instance: TaskInstance, allowed: bool, action: str, who: str) -> None:
         if not allowed:

@@ -28,9 +28,9 @@ Backends implement that step at one of two depths:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from triggers.config import check_kwargs, check_kwargs_map, check_status, validate_configuration
 from triggers.exceptions import (
@@ -53,6 +53,8 @@ from triggers.types import (
 )
 
 __all__ = ["BaseTriggerStorage", "SessionState", "SessionStep", "StateChanges"]
+
+T = TypeVar("T")
 
 #: Version of the stored JSON layout.
 FORMAT_VERSION = 1
@@ -330,6 +332,17 @@ class BaseTriggerStorage:
         """Context manager holding this session's lock (expiring, non-reentrant)."""
         return self._session_lock()
 
+    def transact(self, step_function: Callable[[SessionStep], T]) -> T:
+        """Run ``step_function(step)`` as one atomic step and return what it returns.
+
+        The function reads and changes the session through ``step``; its changes
+        are written when it returns, nothing is written if it raises. A backend
+        may run it more than once (optimistic transactions retry on conflict), so
+        it must have no other side effects.
+        """
+        with self.atomic() as step:
+            return step_function(step)
+
     @contextmanager
     def atomic(self) -> Iterator[SessionStep]:
         """Lock the session, read its working state, and write what changed on exit.
@@ -552,8 +565,7 @@ class BaseTriggerStorage:
 
     def update_configuration(self, configs: Mapping[str, TaskConfig]) -> None:
         """Store validated task configurations (merging by task name)."""
-        with self.atomic() as step:
-            step.set_tasks(configs)
+        self.transact(lambda step: step.set_tasks(configs))
 
     def create_instance(self, task_config: TaskConfig | str, **kwargs: Any) -> TaskInstance:
         """Create and store a new instance of a task.
@@ -569,17 +581,18 @@ class BaseTriggerStorage:
         status = check_status(kwargs.get("status", STATUS_UNSTARTED))
         trigger_kwargs = check_kwargs_map(kwargs.get("kwargs") or {}, "kwargs")
         metadata = check_kwargs(kwargs.get("metadata"), "metadata")
-        with self.atomic() as step:
-            config = self._resolve_config(step, task_config)
-            return step.new_instance(config, trigger_kwargs, status, metadata)
+        return self.transact(lambda step: step.new_instance(
+            self._resolve_config(step, task_config), trigger_kwargs, status, metadata))
 
     def clone_instance(self, task_instance: TaskInstance | str) -> TaskInstance:
         """Store an unstarted copy of an instance (new number; ``parent`` names the original)."""
         name = task_instance.name if isinstance(task_instance, TaskInstance) else task_instance
-        with self.atomic() as step:
+        def clone(step: SessionStep) -> TaskInstance:
             original = step.instance(name)
             return step.new_instance(original.config, original.kwargs, STATUS_UNSTARTED,
                                      {"parent": original.name})
+
+        return self.transact(clone)
 
     def _resolve_config(self, step: SessionStep, task_config: TaskConfig | str) -> TaskConfig:
         name = task_config.name if isinstance(task_config, TaskConfig) else task_config
