@@ -142,16 +142,16 @@ def test_redis_stopped_and_restarted_around_fire(own_redis, uid, trigger_threadi
 
     # Connection lost in the middle of fire(): after the read, before the write.
     own_redis.start()
-    original = storage._write_state
+    original = storage._write_commands
 
     def crash_then_write(changes):
         own_redis.kill()
         return original(changes)
 
-    storage._write_state = crash_then_write
+    storage._write_commands = crash_then_write
     with pytest.raises(StorageError, match=uid):
         manager.fire("b", {"y": 2})
-    storage._write_state = original
+    storage._write_commands = original
 
     own_redis.start()
     assert storage.debug_repr() == before

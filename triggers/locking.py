@@ -29,6 +29,7 @@ import redis_lock
 from triggers.exceptions import LockError, LockNotReentrant, LockTimeout
 
 __all__ = [
+    "held_locks",
     "DEFAULT_LOCK_EXPIRE",
     "DEFAULT_LOCK_TIMEOUT",
     "CacheSessionLock",
@@ -45,6 +46,11 @@ DEFAULT_LOCK_TIMEOUT = 60
 logger = logging.getLogger(__name__)
 
 _held = threading.local()
+
+
+def held_locks() -> set[str]:
+    """Names of the session locks the current thread holds."""
+    return _held_set()
 
 
 def _held_set() -> set[str]:
@@ -135,6 +141,11 @@ class RedisSessionLock(_BaseLock):
                  expire: int = DEFAULT_LOCK_EXPIRE, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         super().__init__(name, session_uid, expire, timeout)
         self._lock = _PollingRedisLock(client, name, expire=self.expire, auto_renewal=True)
+
+    @property
+    def owner_id(self) -> str:
+        """The value stored at the lock's key while this object holds it."""
+        return str(self._lock.id)
 
     def _acquire(self) -> bool:
         try:

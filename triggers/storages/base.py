@@ -28,6 +28,7 @@ Backends implement that step at one of two depths:
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar, TypeVar
@@ -56,6 +57,9 @@ __all__ = ["BaseTriggerStorage", "SessionState", "SessionStep", "StateChanges"]
 
 T = TypeVar("T")
 
+#: Parsed configurations by configuration id (see SessionState.config_id).
+_parsed_configs: dict[str, tuple[Any, dict[str, TaskConfig]]] = {}
+
 #: Version of the stored JSON layout.
 FORMAT_VERSION = 1
 
@@ -68,7 +72,7 @@ def dumps(value: Any) -> str:
 class SessionState:
     """What an atomic step reads: configuration, metadata and the open instances."""
 
-    __slots__ = ("counters", "latest_kwargs", "metadata", "open", "tasks")
+    __slots__ = ("config_id", "counters", "latest_kwargs", "metadata", "open", "tasks")
 
     def __init__(
         self,
@@ -77,7 +81,11 @@ class SessionState:
         counters: dict[str, int] | None = None,
         open: dict[str, TaskInstance] | None = None,  # noqa: A002 - the open instances
         metadata: dict[str, Any] | None = None,
+        config_id: str | None = None,
     ) -> None:
+        #: Identifies this configuration; a new one gets a new id (parsed configurations
+        #: are cached per process by id).
+        self.config_id = config_id
         self.tasks = tasks or {}
         self.latest_kwargs = latest_kwargs or {}
         self.counters = counters or {}
@@ -89,6 +97,7 @@ class SessionState:
     def to_json(self) -> dict[str, Any]:
         return {
             "v": FORMAT_VERSION,
+            "cfg": self.config_id,
             "tasks": {name: config.to_dict() for name, config in self.tasks.items()},
             "kwargs": self.latest_kwargs,
             "counters": self.counters,
@@ -112,16 +121,25 @@ class SessionState:
         for part in ("tasks", "kwargs", "counters", "open", "meta"):
             if not isinstance(data.get(part, {}), Mapping):
                 raise corrupt(f"{part!r} is a {type(data[part]).__name__}, not an object")
-        try:
-            tasks = validate_configuration(data["tasks"], None, session_uid=session_uid,
-                                           stored=True)
-        except ConfigurationError as exc:
-            raise corrupt(f"the stored configuration is invalid: {exc}") from exc
+        config_id = data.get("cfg")
+        cached = _parsed_configs.get(config_id) if isinstance(config_id, str) else None
+        tasks = cached[1] if cached is not None and cached[0] == data.get("tasks") else None
+        if tasks is None:
+            try:
+                tasks = validate_configuration(data.get("tasks"), None, session_uid=session_uid,
+                                               stored=True)
+            except ConfigurationError as exc:
+                raise corrupt(f"the stored configuration is invalid: {exc}") from exc
+            if isinstance(config_id, str):
+                if len(_parsed_configs) >= 1024:
+                    _parsed_configs.clear()
+                _parsed_configs[config_id] = (data["tasks"], tasks)
         try:
             if not all(isinstance(v, Mapping) for v in data["kwargs"].values()):
                 raise ValueError("latest kwargs must be objects")
             state = cls(
-                tasks=tasks,
+                tasks=dict(tasks),
+                config_id=config_id if isinstance(config_id, str) else None,
                 latest_kwargs=dict(data["kwargs"]),
                 counters={name: int(n) for name, n in data["counters"].items()},
                 metadata=dict(data.get("meta") or {}),
@@ -138,6 +156,7 @@ class SessionState:
 
     def copy(self) -> SessionState:
         return SessionState(
+            config_id=self.config_id,
             tasks=dict(self.tasks),
             latest_kwargs=dict(self.latest_kwargs),
             counters=dict(self.counters),
@@ -236,6 +255,7 @@ class SessionStep:
 
     def set_tasks(self, tasks: Mapping[str, TaskConfig]) -> None:
         self.state.tasks.update(tasks)
+        self.state.config_id = secrets.token_hex(8)
         self._changed = self._tasks_changed = True
 
     def set_metadata(self, key: str, value: Any) -> None:

@@ -21,20 +21,30 @@ its own, with its own expiry) and locks with the atomic ``cache.add``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager
-from typing import Any
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, ExitStack
+from typing import Any, TypeVar, cast
 
-from triggers.exceptions import CorruptSessionState, InvalidArgument, StorageError
+from triggers.exceptions import (
+    CorruptSessionState,
+    InvalidArgument,
+    LockNotReentrant,
+    LockTimeout,
+    StorageError,
+)
 from triggers.locking import (
     DEFAULT_LOCK_EXPIRE,
     DEFAULT_LOCK_TIMEOUT,
     CacheSessionLock,
     RedisSessionLock,
+    held_locks,
 )
 from triggers.storages.base import (
     BaseTriggerStorage,
     SessionState,
+    SessionStep,
     StateChanges,
     dumps,
     instance_from_json,
@@ -44,6 +54,16 @@ from triggers.types import TaskConfig, TaskInstance
 __all__ = ["CacheStorageBackend"]
 
 _NOT_GIVEN: Any = object()
+T = TypeVar("T")
+
+# Outcomes of one optimistic attempt.
+_DONE, _CONFLICT, _LOCKED = object(), object(), object()
+#: Conflicts after which a step takes the session lock, so that it cannot starve.
+_CONFLICTS_BEFORE_LOCKING = 8
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class CacheStorageBackend(BaseTriggerStorage):
@@ -188,24 +208,36 @@ class CacheStorageBackend(BaseTriggerStorage):
                 found[name] = instance_from_json(name, self._decode(raw, key), tasks, self.uid, key)
         return found
 
-    def _write_state(self, changes: StateChanges) -> None:
+    def _write_commands(self, changes: StateChanges) -> list[tuple[Any, ...]]:
+        """The Redis commands that persist one step's changes (run inside MULTI/EXEC)."""
         state_value = dumps(changes.state.to_json())
-        resolved = {name: dumps(instance.to_dict()) for name, instance in changes.resolved.items()}
+        done = self._done_key()
+        commands: list[tuple[Any, ...]] = [
+            ("SET", self._state_key(), state_value)
+            + (("EX", self.timeout) if self.timeout is not None else ()),
+        ]
+        if changes.resolved:
+            fields: list[Any] = []
+            for name, instance in changes.resolved.items():
+                fields += [name, dumps(instance.to_dict())]
+            commands.append(("HSET", done, *fields))
+        if changes.unresolved:
+            commands.append(("HDEL", done, *changes.unresolved))
+        if self.timeout is not None:
+            commands.append(("EXPIRE", done, self.timeout))
+        return commands
+
+    def _write_state(self, changes: StateChanges) -> None:
         try:
             if self._redis is not None:
-                done = self._done_key()
                 pipe = self._redis.pipeline(transaction=True)
-                pipe.set(self._state_key(), state_value, ex=self.timeout)
-                if resolved:
-                    pipe.hset(done, mapping=resolved)
-                if changes.unresolved:
-                    pipe.hdel(done, *changes.unresolved)
-                if self.timeout is not None:
-                    pipe.expire(done, self.timeout)
+                for command in self._write_commands(changes):
+                    pipe.execute_command(*command)
                 pipe.execute()
             else:
-                values = {self._state_key(): state_value}
-                values.update({self._instance_key(n): v for n, v in resolved.items()})
+                values = {self._state_key(): dumps(changes.state.to_json())}
+                values.update({self._instance_key(name): dumps(instance.to_dict())
+                               for name, instance in changes.resolved.items()})
                 self.cache.set_many(values, timeout=self.timeout)
                 if changes.unresolved:
                     self.cache.delete_many([self._instance_key(n) for n in changes.unresolved])
@@ -215,6 +247,114 @@ class CacheStorageBackend(BaseTriggerStorage):
                 "The step was not applied.",
                 session_uid=self.uid,
             ) from exc
+
+    # -- optimistic atomic steps (Redis) -------------------------------------
+
+    def transact(self, step_function: Callable[[SessionStep], T]) -> T:
+        """One atomic step; on Redis an optimistic transaction of two round trips.
+
+        Round trip 1 sends ``WATCH state done lock`` and ``MGET state lock``;
+        round trip 2 sends ``MULTI``, the writes and ``EXEC``. If another process
+        changed the session in between, ``EXEC`` does nothing and the step runs
+        again on the new state. While anyone holds the session lock
+        (:meth:`acquire_lock`) steps wait for it; a step that keeps losing the
+        race takes the lock itself, so no step starves. Waiting ends with
+        LockTimeout after ``lock_timeout`` seconds.
+        """
+        if self._redis is None:
+            return super().transact(step_function)
+        lock_name = self._key("lock")
+        if lock_name in held_locks():
+            raise LockNotReentrant(
+                f"This thread holds the lock of session {self.uid!r}; a step on that session "
+                "would wait for it forever.", session_uid=self.uid,
+            )
+        deadline = time.monotonic() + self.lock_timeout
+        conflicts = 0
+        delay = 0.001
+        with ExitStack() as stack:
+            own_lock_id: str | None = None
+            while True:
+                outcome, result = self._try_step(step_function, own_lock_id)
+                if outcome is _DONE:
+                    return cast(T, result)
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(
+                        f"Could not apply a step to session {self.uid!r} within "
+                        f"{self.lock_timeout} s: its lock stayed taken or the step kept "
+                        "conflicting with other processes.", session_uid=self.uid,
+                    )
+                if outcome is _CONFLICT:
+                    conflicts += 1
+                    if conflicts >= _CONFLICTS_BEFORE_LOCKING and own_lock_id is None:
+                        lock = RedisSessionLock(self._redis, lock_name, self.uid, self.lock_expire,
+                                                max(deadline - time.monotonic(), 0.001))
+                        stack.enter_context(lock.hold())
+                        own_lock_id = lock.owner_id
+                    continue
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.05)
+
+    def _try_step(self, step_function: Callable[[SessionStep], T], own_lock_id: str | None
+                  ) -> tuple[object, T | None]:
+        assert self._redis is not None
+        pool = self._redis.connection_pool
+        state_key, done_key = self._state_key(), self._done_key()
+        lock_key = "lock:" + self._key("lock")
+        try:
+            connection = pool.get_connection()
+        except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
+            raise self._redis_failed(exc) from exc
+        try:
+            try:
+                connection.send_packed_command(connection.pack_commands([
+                    ("WATCH", state_key, done_key, lock_key), ("MGET", state_key, lock_key),
+                ]))
+                connection.read_response()
+                raw, owner = connection.read_response()
+            except Exception as exc:  # noqa: BLE001
+                connection.disconnect()
+                raise self._redis_failed(exc) from exc
+            if owner is not None and _text(owner) != own_lock_id:
+                self._unwatch(connection)
+                return _LOCKED, None
+            try:
+                state = SessionState() if raw is None else SessionState.from_json(
+                    self._decode(raw, state_key), self.uid, state_key)
+                step = SessionStep(self, state)
+                result = step_function(step)
+            except BaseException:
+                self._unwatch(connection)
+                raise
+            if not step.changed:
+                self._unwatch(connection)
+                return _DONE, result
+            commands = [("MULTI",), *self._write_commands(step.changes()), ("EXEC",)]
+            try:
+                connection.send_packed_command(connection.pack_commands(commands))
+                for _ in commands[:-1]:
+                    connection.read_response()
+                executed = connection.read_response()
+            except Exception as exc:  # noqa: BLE001
+                connection.disconnect()
+                raise self._redis_failed(exc, " The step was not applied.") from exc
+            return (_CONFLICT, None) if executed is None else (_DONE, result)
+        finally:
+            pool.release(connection)
+
+    def _unwatch(self, connection: Any) -> None:
+        try:
+            connection.send_command("UNWATCH")
+            connection.read_response()
+        except Exception:  # noqa: BLE001 - a broken connection must not be reused
+            connection.disconnect()
+
+    def _redis_failed(self, exc: BaseException, more: str = "") -> StorageError:
+        return StorageError(
+            f"Redis failed for session {self.uid!r} (cache {self.cache_alias!r}): "
+            f"{type(exc).__name__}: {exc}.{more}",
+            session_uid=self.uid,
+        )
 
     @classmethod
     def session_uids(cls, cache: str = "default") -> list[str]:
