@@ -347,8 +347,8 @@ class TriggerManager:
             instance = self._running(step, started)
             if instance is None:
                 return False
-            instance.set_status(status, **metadata)
-            instance.metadata["log_level"] = max(log_level, instance.log_level)
+            instance.set_status(status, **{**metadata,
+                                           "log_level": max(log_level, instance.log_level)})
             step.save(instance)
             return True
 

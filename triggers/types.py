@@ -263,10 +263,16 @@ class TaskInstance:
         self.status = TaskStatus(status)
         self.metadata.update(metadata)
         self.metadata["modified"] = now()
+        if self.status in RESOLVED_STATUSES:
+            # Only a running instance needs its run token.
+            self.metadata.pop("run", None)
+        if not self.metadata.get("log_level"):
+            self.metadata.pop("log_level", None)
 
     def to_dict(self) -> dict[str, Any]:
         """Compact JSON-ready form (the configuration is stored once, with the session)."""
-        data: dict[str, Any] = {"task": self.config.name, "status": self.status.value}
+        # The task's name is part of the instance's name, so it is not stored again.
+        data: dict[str, Any] = {"status": self.status.value}
         if self.kwargs:
             data["kwargs"] = self.kwargs
         if self.metadata:

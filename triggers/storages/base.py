@@ -169,8 +169,7 @@ def instance_from_json(
     name: str, data: Any, tasks: Mapping[str, TaskConfig], session_uid: str, where: str
 ) -> TaskInstance:
     try:
-        task = data["task"]
-        config = tasks[task]
+        config = tasks[data.get("task") or task_name_of(name)]
         return TaskInstance(
             name=name,
             config=config,
