@@ -59,6 +59,8 @@ nitpick_ignore_regex = [
     (r"py:class", r"(celery|class_registry)\..+"),
     # The type variable of triggers.exceptions.with_context.
     (r"py:class", r"triggers\.exceptions\.E"),
+    # Type variables of generic helpers.
+    (r"py:class", r"triggers\.storages\.(base|cache)\.T"),
 ]
 
 
