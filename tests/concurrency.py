@@ -28,7 +28,7 @@ def expected_instances():
     return {"t_join": 1, "t_every": pages, "t_once": 1}
 
 
-def fire_process(index, uids, runner, barrier, seed):
+def fire_process(index, uids, runner, barrier, seed, kind="django_redis"):
     """Fire this process's share of triggers into every session, then wait for threads."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
     import django
@@ -36,7 +36,10 @@ def fire_process(index, uids, runner, barrier, seed):
     django.setup()
     from unittest import mock
 
-    from triggers import CacheStorageBackend, TriggerManager, runners
+    from django.db import connections
+
+    from tests.helpers import make_storage
+    from triggers import TriggerManager, runners
     from triggers.runners import ThreadingTaskRunner
 
     rng = random.Random(seed + index)
@@ -45,20 +48,21 @@ def fire_process(index, uids, runner, barrier, seed):
                for uid in uids for n in range(PAGES_PER_PROCESS)]
     rng.shuffle(events)
     with mock.patch.object(runners, "DEFAULT_TASK_RUNNER", runner):
-        managers = {uid: TriggerManager(CacheStorageBackend(uid)) for uid in uids}
+        managers = {uid: TriggerManager(make_storage(kind, uid)) for uid in uids}
         barrier.wait(60)
         for uid, trigger, kwargs in events:
             managers[uid].fire(trigger, kwargs)
         if runner == "threading":
             ThreadingTaskRunner.join_all(timeout=120)
+    connections.close_all()
     return len(events)
 
 
-def run_in_child(index, uids, runner, barrier, seed, results):
+def run_in_child(index, uids, runner, barrier, seed, results, kind="django_redis"):
     """Process target: report the number of fires, or the error as text."""
     import traceback
 
     try:
-        results.put(fire_process(index, uids, runner, barrier, seed))
+        results.put(fire_process(index, uids, runner, barrier, seed, kind))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put(traceback.format_exc())

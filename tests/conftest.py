@@ -10,6 +10,17 @@ from triggers.runners import ThreadingTaskRunner
 
 pytest_plugins = ["triggers.testing"]
 
+
+def pytest_collection_modifyitems(items):
+    """Tests run on a database storage kind get the (transactional) test databases."""
+    from tests.helpers import DB_KINDS
+
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(value in DB_KINDS for value in params.values() if isinstance(value, str)):
+            item.add_marker(pytest.mark.django_db(transaction=True,
+                                                  databases=["default", "postgres"]))
+
 REDIS_START = ('redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" '
                "--appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log")
 

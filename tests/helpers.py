@@ -20,8 +20,11 @@ QUESTIONNAIRE = {
 }
 
 #: Storage kinds every behaviour is checked on: the cache backend on django-redis,
-#: on Django's own RedisCache and on LocMem, and a custom whole-session backend.
-STORAGE_KINDS = ["django_redis", "builtin_redis", "locmem", "dict"]
+#: on Django's own RedisCache and on LocMem, the database backend on SQLite and on
+#: PostgreSQL, and a custom whole-session backend.
+STORAGE_KINDS = ["django_redis", "builtin_redis", "locmem", "db_sqlite", "db_postgres", "dict"]
+#: Kinds that need the test databases.
+DB_KINDS = {"db_sqlite": "default", "db_postgres": "postgres"}
 
 
 def make_storage(kind, uid):
@@ -31,6 +34,10 @@ def make_storage(kind, uid):
         return CacheStorageBackend(uid, cache="builtin_redis")
     if kind == "locmem":
         return CacheStorageBackend(uid, cache="locmem")
+    if kind in DB_KINDS:
+        from triggers.storages.database import DatabaseStorageBackend
+
+        return DatabaseStorageBackend(uid, using=DB_KINDS[kind])
     if kind == "dict":
         from triggers_testdist import DictStorage
 

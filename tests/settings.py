@@ -17,16 +17,51 @@ REDIS_URL = os.environ.get("TRIGGERS_TEST_REDIS_URL", "redis://127.0.0.1:6379/9"
 BROKER_URL = os.environ.get("TRIGGERS_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 INSTALLED_APPS = [
-    "django.contrib.contenttypes",
+    "django.contrib.admin",
     "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
     "triggers",
     "tests.app",
 ]
 
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+ROOT_URLCONF = "tests.urls"
+TEMPLATES = [{
+    "BACKEND": "django.template.backends.django.DjangoTemplates",
+    "APP_DIRS": True,
+    "OPTIONS": {"context_processors": [
+        "django.template.context_processors.request",
+        "django.contrib.auth.context_processors.auth",
+        "django.contrib.messages.context_processors.messages",
+    ]},
+}]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 DATABASES = {
+    # SQLite, the embedded default. A file (not memory) so that threads share it.
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": os.path.join(os.path.dirname(__file__), "test.sqlite3"),
+        "NAME": os.path.join(HERE, "db.sqlite3"),
+        "OPTIONS": {"timeout": 30},
+        "TEST": {"NAME": os.path.join(HERE, "test-db.sqlite3")},
+    },
+    # The real PostgreSQL on loopback (trust auth). Child processes of the tests get
+    # the name of the test database in TRIGGERS_TEST_PG_NAME.
+    "postgres": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": os.environ.get("TRIGGERS_TEST_PG_NAME", "test"),
+        "HOST": os.environ.get("TRIGGERS_TEST_PG_HOST", "127.0.0.1"),
+        "PORT": os.environ.get("TRIGGERS_TEST_PG_PORT", "5432"),
+        "USER": os.environ.get("TRIGGERS_TEST_PG_USER", "postgres"),
+        "TEST": {"NAME": os.environ.get("TRIGGERS_TEST_PG_NAME", "test_triggers")},
     },
 }
 

@@ -19,6 +19,12 @@ CONFIG = {
 }
 
 
+def close_thread_connections():
+    from django.db import connections
+
+    connections.close_all()
+
+
 def raw_redis(storage):
     return storage._redis
 
@@ -102,7 +108,8 @@ def test_lock_is_not_reentrant(uid):
         pass
 
 
-@pytest.mark.parametrize("kind", ["django_redis", "builtin_redis", "locmem", "dict"])
+@pytest.mark.parametrize("kind", ["django_redis", "builtin_redis", "locmem", "db_sqlite",
+                                  "db_postgres", "dict"])
 def test_lock_wait_is_bounded(kind, uid):
     """A waiter gives up after lock_timeout with LockTimeout naming the session."""
     holder = make_storage(kind, uid)
@@ -112,9 +119,12 @@ def test_lock_wait_is_bounded(kind, uid):
     release = threading.Event()
 
     def hold():
-        with holder.acquire_lock():
-            acquired.set()
-            release.wait(10)
+        try:
+            with holder.acquire_lock():
+                acquired.set()
+                release.wait(10)
+        finally:
+            close_thread_connections()
 
     thread = threading.Thread(target=hold)
     thread.start()
@@ -165,6 +175,8 @@ def test_concurrent_fires_lose_nothing(kind, uid, trigger_threading_runner):
                     own.fire("start")
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
+        finally:
+            close_thread_connections()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for thread in threads:

@@ -126,8 +126,12 @@ class TriggerManager:
             return self._replace_instance(step, failed, replacement, {})
 
         clone = self.storage.transact(replay)
-        self._dispatch([clone])
-        self._post_replay(clone)
+
+        def after_commit() -> None:
+            self._dispatch([clone])
+            self._post_replay(clone)
+
+        self.storage.on_commit(after_commit)
         return clone
 
     def skip_failed_instance(self, failed_instance: TaskInstance | str, cascade: bool = False,
@@ -147,7 +151,7 @@ class TriggerManager:
         instance, scheduled = self.storage.transact(skip)
         if cascade:
             self._after_step(instance.task_name, scheduled)
-        self._post_skip(instance, cascade)
+        self.storage.on_commit(lambda: self._post_skip(instance, cascade))
         return instance
 
     def update_instance_status(self, task_instance: TaskInstance | str, status: TaskStatus | str,
@@ -241,7 +245,7 @@ class TriggerManager:
         for instance in stuck:
             logger.warning("Recovering %s of session %r (was %s)", instance.name,
                            self.storage.uid, instance.metadata["recovered_from"])
-        self._dispatch(stuck)
+        self.storage.on_commit(lambda: self._dispatch(stuck))
         return stuck
 
     # ------------------------------------------------------------------
@@ -375,7 +379,7 @@ class TriggerManager:
         if clone is None:
             self._log_stale_outcome(started)
             return None
-        self._dispatch([clone])
+        self.storage.on_commit(lambda: self._dispatch([clone]))
         return clone
 
     # ------------------------------------------------------------------
@@ -448,8 +452,11 @@ class TriggerManager:
         return clone
 
     def _after_step(self, trigger_name: str, scheduled: list[TaskInstance]) -> None:
-        self._dispatch(scheduled)
-        self._post_fire(trigger_name, scheduled)
+        def after_commit() -> None:
+            self._dispatch(scheduled)
+            self._post_fire(trigger_name, scheduled)
+
+        self.storage.on_commit(after_commit)
 
     def _dispatch(self, instances: Iterable[TaskInstance]) -> None:
         """Hand stored, scheduled instances to their runners (never under the lock).

@@ -141,6 +141,8 @@ class ThreadingTaskRunner(BaseTaskRunner):
                 logger.exception("Thread running %s of session %r failed", name, uid)
                 with self._guard:
                     self._errors.append(exc)
+            finally:
+                _close_thread_connections()
 
         thread = threading.Thread(target=target, name=f"triggers:{uid}:{name}", daemon=True)
         with self._guard:
@@ -181,6 +183,15 @@ class ThreadingTaskRunner(BaseTaskRunner):
                 if hasattr(first, "add_note"):
                     first.add_note(f"Another runner thread failed too: {other!r}")
             raise first
+
+
+def _close_thread_connections() -> None:
+    """Close the database connections this runner thread opened (if Django has any)."""
+    try:
+        from django.db import connections
+    except ImportError:  # pragma: no cover - Django is a dependency
+        return
+    connections.close_all()
 
 
 #: Registry of task runners: ``task_runners.get('threading')``.

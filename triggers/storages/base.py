@@ -188,10 +188,13 @@ def instance_from_json(
 class StateChanges:
     """What one atomic step changed, handed to :meth:`BaseTriggerStorage._write_state`."""
 
-    __slots__ = ("resolved", "state", "unresolved", "tasks_changed")
+    __slots__ = ("dirty", "resolved", "state", "tasks_changed", "unresolved")
 
     def __init__(self, state: SessionState, resolved: dict[str, TaskInstance],
-                 unresolved: set[str], tasks_changed: bool) -> None:
+                 unresolved: set[str], tasks_changed: bool,
+                 dirty: dict[str, TaskInstance] | None = None) -> None:
+        #: Every instance this step created or changed.
+        self.dirty = dirty if dirty is not None else {}
         #: The new state (configuration, metadata, open instances).
         self.state = state
         #: Instances written to the resolved store by this step (new or changed).
@@ -296,7 +299,8 @@ class SessionStep:
             n for n, i in self._dirty.items()
             if i.status not in RESOLVED_STATUSES and n in self._resolved_loaded
         }
-        return StateChanges(self.state, resolved, unresolved, self._tasks_changed)
+        return StateChanges(self.state, resolved, unresolved, self._tasks_changed,
+                            dict(self._dirty))
 
 
 class BaseTriggerStorage:
@@ -346,6 +350,15 @@ class BaseTriggerStorage:
     # ------------------------------------------------------------------
     # Atomic steps.
     # ------------------------------------------------------------------
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the step just taken is durable (now, for most backends).
+
+        The manager dispatches instances and calls its hooks through this, so that
+        a backend whose steps can join an outer transaction dispatches only after
+        that transaction commits.
+        """
+        callback()
 
     def acquire_lock(self) -> AbstractContextManager[Any]:
         """Context manager holding this session's lock (expiring, non-reentrant)."""

@@ -1,0 +1,63 @@
+"""Tables of the database storage backend (:mod:`triggers.storages.database`)."""
+
+from __future__ import annotations
+
+from django.db import models
+
+from triggers.types import RESOLVED_STATUSES, TaskStatus
+
+__all__ = ["TriggerInstance", "TriggerSession"]
+
+STATUS_CHOICES = [(status.value, status.value) for status in TaskStatus]
+
+
+class TriggerSession(models.Model):
+    """One session: its configuration, latest kwargs, counters and metadata (JSON)."""
+
+    uid = models.CharField(max_length=255, primary_key=True)
+    #: Everything but the instances, in the layout of the cache backend's ``state`` key.
+    state = models.JSONField(default=dict)
+    created = models.DateTimeField(auto_now_add=True)
+    modified = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "trigger session"
+        ordering = ["-modified"]
+
+    def __str__(self) -> str:
+        return self.uid
+
+
+class TriggerInstance(models.Model):
+    """One task instance of a session."""
+
+    session = models.ForeignKey(TriggerSession, on_delete=models.CASCADE,
+                                related_name="instances")
+    name = models.CharField(max_length=255)
+    task_name = models.CharField(max_length=255)
+    number = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=STATUS_CHOICES)
+    #: Whether the status is finished, abandoned, replayed or skipped.
+    resolved = models.BooleanField(default=False)
+    kwargs = models.JSONField(default=dict)
+    metadata = models.JSONField(default=dict)
+    created = models.DateTimeField(auto_now_add=True)
+    modified = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "trigger instance"
+        ordering = ["session", "task_name", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["session", "name"], name="triggers_instance_unique"),
+        ]
+        indexes = [
+            models.Index(fields=["session", "resolved"], name="triggers_instance_open"),
+            models.Index(fields=["status"], name="triggers_instance_status"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.status in {status.value for status in RESOLVED_STATUSES}

@@ -1,0 +1,218 @@
+"""Session state in the Django database (SQLite, PostgreSQL …): the embedded default.
+
+Two tables (:mod:`triggers.models`): one row per session holding the
+configuration, latest kwargs, counters and metadata as JSON, and one row per
+task instance. A step is one database transaction that starts by updating the
+session's row — which takes its row lock (and, on SQLite, the database's write
+lock), so steps on one session queue up instead of conflicting — then reads the
+session row and the session's *open* instances, decides, and writes the session
+row and the instances that changed. Resolved instances are not read by
+``fire()``, so its cost does not depend on the session's history.
+
+Dispatch waits for the transaction to commit (``transaction.on_commit``): called
+inside an outer transaction (``ATOMIC_REQUESTS``, ``transaction.atomic()``),
+instances are handed to the runner only once that transaction commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from triggers.exceptions import InvalidArgument, LockTimeout, StorageError
+from triggers.locking import DEFAULT_LOCK_EXPIRE, DEFAULT_LOCK_TIMEOUT
+from triggers.storages.base import (
+    BaseTriggerStorage,
+    SessionState,
+    SessionStep,
+    StateChanges,
+    instance_from_json,
+)
+from triggers.types import TaskConfig, TaskInstance
+
+__all__ = ["DatabaseStorageBackend"]
+
+
+class DatabaseStorageBackend(BaseTriggerStorage):
+    """Keeps a session's state in the Django database ``using`` (default ``default``).
+
+    Add ``"triggers"`` to ``INSTALLED_APPS`` and run ``manage.py migrate``.
+    """
+
+    name = "db"
+
+    def __init__(self, uid: str, using: str = "default", lock_expire: int = DEFAULT_LOCK_EXPIRE,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        super().__init__(uid, lock_expire=lock_expire, lock_timeout=lock_timeout)
+        from django.conf import settings
+
+        if using not in settings.DATABASES:
+            raise InvalidArgument(
+                f"Unknown database alias {using!r} for session {uid!r}; configured aliases: "
+                f"{', '.join(sorted(settings.DATABASES))}", session_uid=uid,
+            )
+        self.using = using
+
+    def get_options(self) -> dict[str, Any]:
+        return {"using": self.using, "lock_expire": self.lock_expire,
+                "lock_timeout": self.lock_timeout}
+
+    # -- models ---------------------------------------------------------------
+
+    @staticmethod
+    def _models() -> tuple[Any, Any]:
+        from triggers.models import TriggerInstance, TriggerSession
+
+        return TriggerSession, TriggerInstance
+
+    def _failed(self, exc: Exception, doing: str) -> StorageError:
+        return StorageError(
+            f"Database {self.using!r} failed while {doing} session {self.uid!r}: "
+            f"{type(exc).__name__}: {exc}", session_uid=self.uid,
+        )
+
+    # -- atomic steps ---------------------------------------------------------
+
+    @contextmanager
+    def atomic(self) -> Iterator[SessionStep]:
+        """One transaction holding the session's row lock; nothing is written on error."""
+        with self._session_transaction():
+            step = SessionStep(self, self._read_state())
+            yield step
+            if step.changed:
+                self._write_state(step.changes())
+
+    def _session_lock(self) -> Any:
+        return self._session_transaction()
+
+    @contextmanager
+    def _session_transaction(self) -> Iterator[None]:
+        from django.db import DatabaseError, OperationalError
+
+        locked = False
+        try:
+            with transaction.atomic(using=self.using):
+                self._lock_row()
+                locked = True
+                yield
+        except OperationalError as exc:
+            if not locked and _is_lock_timeout(exc):
+                raise LockTimeout(
+                    f"Could not lock session {self.uid!r} in database {self.using!r} within "
+                    f"{self.lock_timeout} s; another transaction holds it.",
+                    session_uid=self.uid,
+                ) from exc
+            raise self._failed(exc, "changing") from exc
+        except DatabaseError as exc:
+            raise self._failed(exc, "changing") from exc
+
+    def _lock_row(self) -> None:
+        from django.db import connections
+
+        connection = connections[self.using]
+        wait_ms = max(int(self.lock_timeout * 1000), 1)
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+            elif connection.vendor == "sqlite":
+                cursor.execute(f"PRAGMA busy_timeout = {wait_ms}")
+        session_model, _ = self._models()
+        rows = session_model.objects.using(self.using).filter(uid=self.uid)
+        if rows.update(modified=timezone.now()):
+            return
+        try:
+            with transaction.atomic(using=self.using):
+                session_model.objects.using(self.using).create(uid=self.uid, state={})
+        except IntegrityError:
+            pass  # created by a concurrent step meanwhile
+        rows.update(modified=timezone.now())
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        transaction.on_commit(callback, using=self.using)
+
+    # -- primitives -----------------------------------------------------------
+
+    def _read_state(self) -> SessionState:
+        from django.db import DatabaseError
+
+        session_model, instance_model = self._models()
+        try:
+            data = (session_model.objects.using(self.using).filter(uid=self.uid)
+                    .values_list("state", flat=True).first())
+            if not data:
+                return SessionState()
+            open_rows = list(instance_model.objects.using(self.using)
+                             .filter(session_id=self.uid, resolved=False)
+                             .values_list("name", "status", "kwargs", "metadata"))
+        except DatabaseError as exc:
+            raise self._failed(exc, "reading") from exc
+        if isinstance(data, Mapping):
+            data = dict(data)
+            data["open"] = {name: {"status": status, "kwargs": kwargs, "meta": meta}
+                            for name, status, kwargs, meta in open_rows}
+        return SessionState.from_json(data, self.uid, f"database {self.using!r}")
+
+    def _read_instances(self, names: Iterable[str],
+                        tasks: Mapping[str, TaskConfig]) -> dict[str, TaskInstance]:
+        from django.db import DatabaseError
+
+        _, instance_model = self._models()
+        names = list(names)
+        if not names:
+            return {}
+        try:
+            rows = list(instance_model.objects.using(self.using)
+                        .filter(session_id=self.uid, name__in=names)
+                        .values_list("name", "status", "kwargs", "metadata"))
+        except DatabaseError as exc:
+            raise self._failed(exc, "reading") from exc
+        where = f"database {self.using!r}"
+        return {name: instance_from_json(name, {"status": status, "kwargs": kwargs, "meta": meta},
+                                         tasks, self.uid, where)
+                for name, status, kwargs, meta in rows}
+
+    def _write_state(self, changes: StateChanges) -> None:
+        session_model, instance_model = self._models()
+        state = changes.state.to_json()
+        del state["open"]
+        session_model.objects.using(self.using).filter(uid=self.uid).update(
+            state=state, modified=timezone.now())
+        if not changes.dirty:
+            return
+        rows = [
+            instance_model(
+                session_id=self.uid, name=instance.name, task_name=instance.task_name,
+                number=instance.number, status=instance.status.value,
+                resolved=instance.is_resolved, kwargs=instance.kwargs,
+                metadata=instance.metadata,
+            )
+            for instance in changes.dirty.values()
+        ]
+        instance_model.objects.using(self.using).bulk_create(
+            rows, update_conflicts=True, unique_fields=["session", "name"],
+            update_fields=["status", "resolved", "kwargs", "metadata", "modified"],
+        )
+
+    # -- housekeeping ---------------------------------------------------------
+
+    @classmethod
+    def session_uids(cls, using: str = "default") -> list[str]:
+        """UIDs of every session stored in the database ``using``."""
+        session_model, _ = cls._models()
+        return list(session_model.objects.using(using).order_by("uid")
+                    .values_list("uid", flat=True))
+
+    def delete(self) -> None:
+        """Remove everything this session stored."""
+        session_model, _ = self._models()
+        session_model.objects.using(self.using).filter(uid=self.uid).delete()
+
+
+def _is_lock_timeout(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "lock timeout" in text or (
+        getattr(getattr(exc, "__cause__", None), "sqlstate", None) == "55P03")
