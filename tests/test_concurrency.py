@@ -9,8 +9,8 @@ import redis
 from django.conf import settings
 
 from tests import concurrency
-from tests.workers import Worker, wait_for
 from tests.helpers import make_storage
+from tests.workers import Worker, wait_for
 from triggers import TriggerManager
 
 
