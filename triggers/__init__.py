@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "CacheStorageBackend",
+    "DatabaseStorageBackend",
     "TaskConfig",
     "TaskContext",
     "TaskInstance",
@@ -22,6 +23,7 @@ __all__ = [
     "TriggerManager",
     "TriggerTask",
     "TriggersError",
+    "get_trigger_manager",
     "with_context",
 ]
 
@@ -36,12 +38,15 @@ _LOCATIONS = {
     "TriggerManager": "triggers.manager",
     "TriggerTask": "triggers.task",
     "TriggersError": "triggers.exceptions",
+    "DatabaseStorageBackend": "triggers.storages.database",
+    "get_trigger_manager": "triggers.manager",
     "with_context": "triggers.exceptions",
 }
 
 if TYPE_CHECKING:
     from triggers.exceptions import TriggersError, with_context
-    from triggers.manager import TriggerManager
+    from triggers.manager import TriggerManager, get_trigger_manager
+    from triggers.storages.database import DatabaseStorageBackend
     from triggers.storages.cache import CacheStorageBackend
     from triggers.task import TaskContext, TriggerTask
     from triggers.types import TaskConfig, TaskInstance, TaskStatus

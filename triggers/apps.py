@@ -9,3 +9,6 @@ class TriggersConfig(AppConfig):
     name = "triggers"
     verbose_name = "Triggers"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from triggers import checks  # noqa: F401 - registers the system checks

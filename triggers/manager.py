@@ -44,7 +44,7 @@ from triggers.types import (
 if TYPE_CHECKING:
     pass
 
-__all__ = ["TriggerManager", "trigger_managers"]
+__all__ = ["TriggerManager", "get_trigger_manager", "trigger_managers"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,11 @@ class TriggerManager:
 
     @property
     def default_task_runner_name(self) -> str:
-        """Runner for tasks whose configuration has no ``using`` (cascades included)."""
-        return runners.DEFAULT_TASK_RUNNER
+        """Runner for tasks whose configuration has no ``using`` (cascades included).
+
+        ``TRIGGERS['RUNNER']`` if set, else :data:`triggers.runners.DEFAULT_TASK_RUNNER`.
+        """
+        return runners.default_runner_name()
 
     # ------------------------------------------------------------------
     # Public API.
@@ -555,3 +558,16 @@ def build_manager(manager_key: str, storage_key: str, uid: str,
     storage = storage_backends.get(storage_key, uid, **dict(storage_options or {}))
     manager: TriggerManager = trigger_managers.get(manager_key, storage)
     return manager
+
+
+def get_trigger_manager(uid: str) -> TriggerManager:
+    """The manager configured by the ``TRIGGERS`` setting, for session ``uid``.
+
+    The library version of the cookbook's recipe: ``TRIGGERS['MANAGER']`` over
+    ``TRIGGERS['STORAGE']`` with its options (database or cache alias, timeout,
+    lock settings, ``STORAGE_OPTIONS``).
+    """
+    from triggers.conf import triggers_settings
+
+    return build_manager(triggers_settings.MANAGER, triggers_settings.STORAGE, uid,
+                         triggers_settings.storage_options())

@@ -35,8 +35,28 @@ __all__ = [
     "task_runners",
 ]
 
-#: Runner used when neither the task's ``using`` nor the manager says otherwise.
+#: Runner used when neither the task's ``using``, the manager, nor
+#: ``TRIGGERS['RUNNER']`` says otherwise.
 DEFAULT_TASK_RUNNER = "celery"
+
+#: Set by triggers.testing: the runner tests use, whatever the settings say.
+_forced_runner: str | None = None
+
+
+def default_runner_name() -> str:
+    """The default runner: forced by the testing helpers, else TRIGGERS['RUNNER'],
+    else :data:`DEFAULT_TASK_RUNNER`."""
+    if _forced_runner is not None:
+        return _forced_runner
+    from django.conf import settings
+
+    if settings.configured:
+        from triggers.conf import triggers_settings
+
+        configured: str | None = triggers_settings.RUNNER
+        if configured:
+            return configured
+    return DEFAULT_TASK_RUNNER
 
 logger = logging.getLogger(__name__)
 

@@ -51,9 +51,32 @@ from triggers.types import (
 __all__ = ["TriggerAssertions", "TriggerManagerTestCaseMixin", "use_threading_runner"]
 
 
-def use_threading_runner() -> Any:
-    """A patcher that makes the threading runner the default runner."""
-    return mock.patch.object(runners, "DEFAULT_TASK_RUNNER", ThreadingTaskRunner.name)
+class use_threading_runner:  # noqa: N801 - used like a function, as mock.patch is
+    """Make the threading runner the default runner, whatever the settings say.
+
+    A context manager, or ``start()`` / ``stop()`` like a ``mock.patch`` patcher.
+    """
+
+    def __init__(self) -> None:
+        self._patchers = [
+            mock.patch.object(runners, "DEFAULT_TASK_RUNNER", ThreadingTaskRunner.name),
+            mock.patch.object(runners, "_forced_runner", ThreadingTaskRunner.name),
+        ]
+
+    def start(self) -> None:
+        for patcher in self._patchers:
+            patcher.start()
+
+    def stop(self) -> None:
+        for patcher in reversed(self._patchers):
+            patcher.stop()
+
+    def __enter__(self) -> use_threading_runner:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _describe(instance: TaskInstance) -> str:

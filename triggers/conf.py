@@ -1,0 +1,93 @@
+"""The ``TRIGGERS`` setting: one dict in Django settings, read lazily.
+
+::
+
+    TRIGGERS = {
+        "STORAGE": "cache",          # registry key of the storage backend
+        "CACHE": "triggers",         # cache alias of the cache storage
+        "TIMEOUT": None,             # keep sessions forever (Redis)
+        "RUNNER": "celery",
+    }
+
+Every key is optional; :data:`DEFAULTS` lists them. Values are read when used,
+never at import time, and re-read when tests change them with
+``override_settings``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+__all__ = ["DEFAULTS", "TriggersSettings", "triggers_settings"]
+
+#: Every key of the ``TRIGGERS`` setting, with its default.
+DEFAULTS: dict[str, Any] = {
+    # Registry key of the trigger manager class (entry-point group triggers.managers).
+    "MANAGER": "default",
+    # Registry key of the storage backend (triggers.storages): "db" or "cache".
+    "STORAGE": "db",
+    # Extra keyword arguments for the storage backend.
+    "STORAGE_OPTIONS": {},
+    # Database alias of the database storage.
+    "DATABASE": "default",
+    # Cache alias of the cache storage.
+    "CACHE": "default",
+    # Seconds a cache storage key lives after the session's last change; None: forever.
+    "TIMEOUT": 3600,
+    # Registry key of the default task runner; None: triggers.runners.DEFAULT_TASK_RUNNER.
+    "RUNNER": None,
+    # Seconds after which a session lock whose holder died expires.
+    "LOCK_EXPIRE": 30,
+    # Seconds a step waits for a session lock before LockTimeout.
+    "LOCK_TIMEOUT": 60,
+    # Seconds an instance must be stuck (scheduled or running) before recovery takes it.
+    "RECOVER_AFTER": 300,
+}
+
+
+class TriggersSettings:
+    """Attribute access to the ``TRIGGERS`` setting with defaults: ``triggers_settings.STORAGE``."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] | None = None
+
+    @property
+    def user_settings(self) -> dict[str, Any]:
+        value = getattr(settings, "TRIGGERS", None) or {}
+        return dict(value) if isinstance(value, dict) else {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"Unknown TRIGGERS setting {name!r}; settings: "
+                                 f"{', '.join(sorted(DEFAULTS))}")
+        if self._cache is None:
+            self._cache = {**DEFAULTS, **self.user_settings}
+        return self._cache[name]
+
+    def reload(self) -> None:
+        self._cache = None
+
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments for the configured storage backend."""
+        options: dict[str, Any] = {"lock_expire": self.LOCK_EXPIRE,
+                                   "lock_timeout": self.LOCK_TIMEOUT}
+        if self.STORAGE == "cache":
+            options.update(cache=self.CACHE, timeout=self.TIMEOUT)
+        elif self.STORAGE == "db":
+            options.update(using=self.DATABASE)
+        options.update(self.STORAGE_OPTIONS or {})
+        return options
+
+
+#: The settings object.
+triggers_settings = TriggersSettings()
+
+
+@receiver(setting_changed)
+def _reload(setting: str, **kwargs: Any) -> None:
+    if setting == "TRIGGERS":
+        triggers_settings.reload()
