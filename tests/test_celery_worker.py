@@ -40,7 +40,7 @@ def status_of(storage, name):
 
 def test_questionnaire_on_a_real_worker(worker, uid):
     """The questionnaire runs on the worker; cascades go through the broker too."""
-    manager = trigger_managers.get("finalizing", CacheStorageBackend(uid))
+    manager = trigger_managers.get("cookbook", CacheStorageBackend(uid))
     manager.update_configuration(dict(
         QUESTIONNAIRE, t_final={"after": ["sessionFinalized"], "run": "tests.Echo"}))
     manager.fire("pageReceived", {"page": 1, "user_agent": "ua"})

@@ -79,7 +79,8 @@ def test_broker_down_at_dispatch_records_and_recovers(uid):
     worker = Worker().start()
     try:
         out = StringIO()
-        call_command("triggers", "recover", uid, "--older-than", "0", stdout=out)
+        call_command("triggers", "recover", uid, "--storage", "cache", "--older-than", "0",
+                     stdout=out)
         assert f"{uid}: re-dispatched t#0 (was scheduled)" in out.getvalue()
         wait_for(lambda: storage["t#0"].status.value == "finished", message="recovered t#0")
     finally:
@@ -174,7 +175,7 @@ def test_recover_command_lists_sessions(uid, redis_server):
     assert {uid, corrupt.uid} <= set(CacheStorageBackend.session_uids("default"))
     out, err = StringIO(), StringIO()
     with pytest.raises(CommandError, match=f"could not be recovered: .*{corrupt.uid}"):
-        call_command("triggers", "recover", "--all", "--older-than", "3600",
-                     stdout=out, stderr=err)
+        call_command("triggers", "recover", "--all", "--storage", "cache", "--older-than",
+                     "3600", stdout=out, stderr=err)
     assert f"{corrupt.uid}: not recovered: Stored state of session" in err.getvalue()
     assert "Recovered 0 instance(s)" in out.getvalue()

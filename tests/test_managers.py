@@ -46,9 +46,9 @@ def test_custom_manager_from_an_installed_distribution(uid):
     """A manager registered through a real entry point is found by its key."""
     from triggers_testdist import FinalizingTriggerManager
 
-    manager = trigger_managers.get("finalizing", CacheStorageBackend(uid))
+    manager = trigger_managers.get("cookbook", CacheStorageBackend(uid))
     assert type(manager) is FinalizingTriggerManager
-    assert trigger_managers.key_for(FinalizingTriggerManager) == "finalizing"
+    assert trigger_managers.key_for(FinalizingTriggerManager) == "cookbook"
 
 
 def test_finalizing_manager_fires_once(uid):

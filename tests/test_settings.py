@@ -4,8 +4,7 @@ import pytest
 from django.core import checks
 from django.test import override_settings
 
-from triggers import CacheStorageBackend, DatabaseStorageBackend, TriggerManager, get_trigger_manager
-from triggers import runners
+from triggers import CacheStorageBackend, DatabaseStorageBackend, TriggerManager, get_trigger_manager, runners
 from triggers.checks import check_settings
 from triggers.conf import DEFAULTS, triggers_settings
 
@@ -30,7 +29,7 @@ def test_get_trigger_manager_database_default(uid):
     assert manager.storage.using == "default" and manager.storage.uid == uid
 
 
-@override_settings(TRIGGERS={"MANAGER": "finalizing", "STORAGE": "cache", "CACHE": "builtin_redis",
+@override_settings(TRIGGERS={"MANAGER": "cookbook", "STORAGE": "cache", "CACHE": "builtin_redis",
                              "TIMEOUT": None, "LOCK_EXPIRE": 7})
 def test_get_trigger_manager_from_settings(uid):
     """get_trigger_manager() follows TRIGGERS (override_settings reloads it)."""

@@ -46,8 +46,8 @@ _LOCATIONS = {
 if TYPE_CHECKING:
     from triggers.exceptions import TriggersError, with_context
     from triggers.manager import TriggerManager, get_trigger_manager
-    from triggers.storages.database import DatabaseStorageBackend
     from triggers.storages.cache import CacheStorageBackend
+    from triggers.storages.database import DatabaseStorageBackend
     from triggers.task import TaskContext, TriggerTask
     from triggers.types import TaskConfig, TaskInstance, TaskStatus
 

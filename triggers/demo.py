@@ -1,22 +1,35 @@
 """The questionnaire workflow of the getting-started guide, end to end.
 
-Run it with ``python -m triggers.demo``: no Redis and no Celery worker are
-needed (local-memory cache, threading runner). It prints a timeline of
-triggers, scheduled and finished instances and cascades, then the final state
-of the session, finalized by the cookbook's FinalizingTriggerManager.
+``python -m triggers.demo`` runs it on the embedded default — the database
+storage on a fresh SQLite file and the threading runner: no Redis, no Celery
+worker. ``python -m triggers.demo --celery`` runs the same flow on the cache
+storage over Redis with a real Celery worker (Redis as the broker too), which
+it starts and stops. Inside a Django project: ``manage.py triggers demo``.
+
+It prints a timeline (trigger fired → instance scheduled → started → finished →
+cascade) and the final state of the session, which the
+:class:`~triggers.manager.FinalizingTriggerManager` finalizes.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any, TextIO
+
+from celery import Celery
 
 from triggers.task import TaskContext, TriggerTask
 
-__all__ = ["main", "run_demo"]
+__all__ = ["CONFIGURATION", "EVENTS", "app", "main", "run_demo"]
+
+REDIS_URL = os.environ.get("TRIGGERS_DEMO_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 CONFIGURATION: dict[str, dict[str, Any]] = {
     "t_importSubject": {
@@ -39,24 +52,14 @@ CONFIGURATION: dict[str, dict[str, Any]] = {
     },
 }
 
-#: What the web application fires, in the order requests happen to arrive.
+#: What the web application fires, in the order its requests happen to arrive.
 EVENTS: list[tuple[str, dict[str, Any]]] = [
     ("pageReceived", {"page": 1, "responses": {"age": 36}, "user_agent": "Firefox/140"}),
     ("firstPageReceived", {"name": "Ada", "email": "ada@example.org"}),
     ("pageReceived", {"page": 2, "responses": {"colour": "green"}, "user_agent": "Firefox/140"}),
-    ("pageReceived", {"page": 3, "responses": {"pets": 2}, "user_agent": "Firefox/140"}),
     ("questionnaireComplete", {}),
+    ("pageReceived", {"page": 3, "responses": {"pets": 2}, "user_agent": "Firefox/140"}),
 ]
-
-_output: TextIO = sys.stdout
-_started = time.monotonic()
-_print_lock = threading.Lock()
-
-
-def say(message: str) -> None:
-    with _print_lock:
-        _output.write(f"[{time.monotonic() - _started:6.3f}s] {message}\n")
-        _output.flush()
 
 
 class ImportSubject(TriggerTask):
@@ -64,8 +67,7 @@ class ImportSubject(TriggerTask):
 
     def _run(self, context: TaskContext) -> dict[str, Any]:
         subject = context.trigger_kwargs["firstPageReceived"]
-        say(f"  running {context.task_instance.name}: importing subject {subject['name']}")
-        return {"subject_id": 1001}
+        return {"subject_id": 1001, "name": subject["name"]}
 
 
 class ImportResponses(TriggerTask):
@@ -74,8 +76,7 @@ class ImportResponses(TriggerTask):
     def _run(self, context: TaskContext) -> dict[str, Any]:
         page = context.trigger_kwargs["pageReceived"]
         subject_id = context.trigger_kwargs["t_importSubject"]["subject_id"]
-        say(f"  running {context.task_instance.name}: page {page['page']} of subject {subject_id}")
-        return {"page": page["page"]}
+        return {"page": page["page"], "subject_id": subject_id}
 
 
 class ImportBrowserMetadata(TriggerTask):
@@ -83,7 +84,6 @@ class ImportBrowserMetadata(TriggerTask):
 
     def _run(self, context: TaskContext) -> dict[str, Any]:
         agent = context.trigger_kwargs["pageReceived"]["user_agent"]
-        say(f"  running {context.task_instance.name}: user agent {agent}")
         return {"browser": agent.split("/")[0]}
 
 
@@ -91,80 +91,194 @@ class MarkComplete(TriggerTask):
     name = "triggers.demo.MarkComplete"
 
     def _run(self, context: TaskContext) -> dict[str, Any]:
-        say(f"  running {context.task_instance.name}: questionnaire marked complete")
         return {"complete": True}
 
 
-def _manager_class() -> type:
-    from triggers.manager import TriggerManager
-
-    class DemoManager(TriggerManager):
-        """The cookbook's FinalizingTriggerManager, telling what happens."""
-
-        TRIGGER_SESSION_FINALIZED = "sessionFinalized"
-
-        def _post_fire(self, trigger_name: str, tasks_scheduled: list[Any]) -> None:
-            scheduled = ", ".join(i.name for i in tasks_scheduled) or "nothing"
-            kind = "cascade" if trigger_name in CONFIGURATION else "trigger"
-            say(f"{kind} {trigger_name!r} fired -> scheduled {scheduled}")
-            if trigger_name == self.TRIGGER_SESSION_FINALIZED:
-                return
-            if self.TRIGGER_SESSION_FINALIZED in self.storage.latest_kwargs:
-                return
-            for config in self.get_unresolved_tasks():
-                if self.TRIGGER_SESSION_FINALIZED not in config.after:
-                    return
-            self.fire(self.TRIGGER_SESSION_FINALIZED)
-
-    return DemoManager
+#: The demo's Celery app (``celery -A triggers.demo worker``); Redis is its broker.
+app = Celery("triggers-demo", set_as_current=False)
+app.conf.update(broker_url=REDIS_URL, task_ignore_result=True,
+                broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
 
 
-def _configure_django() -> None:
+def configure(celery: bool = False) -> None:
+    """Configure Django for a standalone demo (no project needed)."""
     import django
     from django.conf import settings
 
-    if not settings.configured:
+    if settings.configured:
+        return
+    common: dict[str, Any] = {
+        "INSTALLED_APPS": ["django.contrib.contenttypes", "django.contrib.auth", "triggers"],
+        "USE_TZ": True,
+        "LOGGING_CONFIG": None,
+    }
+    if celery:
         settings.configure(
-            INSTALLED_APPS=["triggers"],
-            CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
-            USE_TZ=True,
+            **common,
+            DATABASES={},
+            CACHES={"default": {"BACKEND": "django_redis.cache.RedisCache",
+                                "LOCATION": REDIS_URL}},
+            TRIGGERS={"MANAGER": "finalizing", "STORAGE": "cache", "TIMEOUT": 3600,
+                      "RUNNER": "celery"},
         )
         django.setup()
+        return
+    directory = Path(tempfile.mkdtemp(prefix="triggers-demo-"))
+    settings.configure(
+        **common,
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3",
+                               "NAME": str(directory / "demo.sqlite3"),
+                               "OPTIONS": {"timeout": 30}}},
+        TRIGGERS={"MANAGER": "finalizing", "STORAGE": "db", "RUNNER": "threading"},
+    )
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
 
 
-def run_demo(output: TextIO = sys.stdout, cache: str = "default") -> bool:
-    """Run the questionnaire workflow; return whether the session was finalized."""
-    global _output, _started
-    _output, _started = output, time.monotonic()
-    _configure_django()
-    from unittest import mock
+if os.environ.get("TRIGGERS_DEMO_WORKER"):
+    # Imported by `celery -A triggers.demo worker` started by run_demo(celery=True).
+    configure(celery=True)
+    app.set_current()
 
-    from triggers import runners
-    from triggers.runners import ThreadingTaskRunner
-    from triggers.storages.cache import CacheStorageBackend
 
-    with mock.patch.object(runners, "DEFAULT_TASK_RUNNER", ThreadingTaskRunner.name):
-        manager = _manager_class()(CacheStorageBackend(f"demo-{uuid.uuid4().hex[:8]}", cache))
-        say(f"session {manager.storage.uid}: configuring {len(CONFIGURATION)} tasks")
-        manager.update_configuration(CONFIGURATION)
-        for trigger_name, kwargs in EVENTS:
-            manager.fire(trigger_name, kwargs)
-            time.sleep(0.05)
-        ThreadingTaskRunner.join_all()
+class _Worker:
+    """A `celery -A triggers.demo worker` process, started and stopped by PID."""
 
-    output.write("\nFinal state of the session:\n")
+    def __init__(self, output: TextIO) -> None:
+        self.output = output
+        handle, path = tempfile.mkstemp(prefix="triggers-demo-worker-", suffix=".log")
+        os.close(handle)
+        self.log = Path(path)
+        env = dict(os.environ, TRIGGERS_DEMO_WORKER="1", TRIGGERS_DEMO_REDIS_URL=REDIS_URL)
+        env.pop("DJANGO_SETTINGS_MODULE", None)
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "triggers.demo", "worker", "--pool",
+                 "prefork", "--concurrency", "2", "--loglevel", "INFO", "--without-gossip",
+                 "--without-mingle", "--without-heartbeat"],
+                env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None or " ready." in self.log.read_text(errors="replace"):
+                break
+            time.sleep(0.2)
+        text = self.log.read_text(errors="replace")
+        if " ready." not in text:
+            self.stop()
+            raise RuntimeError(f"The demo's Celery worker did not start:\n{text}")
+        self.output.write(f"Celery worker started (pid {self.process.pid}, broker {REDIS_URL})\n")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.output.write(f"Celery worker stopped (pid {self.process.pid})\n")
+
+
+def _timeline(manager: Any, fired: list[tuple[float, str, dict[str, Any]]]) -> list[tuple[float, str]]:
+    events: list[tuple[float, int, str]] = [
+        (at, 0, f"trigger {name!r} fired {kwargs or ''}".rstrip()) for at, name, kwargs in fired]
     for instance in manager.storage:
-        result = instance.metadata.get("result")
-        output.write(f"  {instance.name:<28} {instance.status.value:<10} {result}\n")
-    unresolved = manager.get_unresolved_tasks()
-    finalized = "sessionFinalized" in manager.storage.latest_kwargs and not unresolved
-    output.write(f"\nsession finalized: {'yes' if finalized else 'no'}; "
-                 f"unresolved tasks: {[c.name for c in unresolved] or 'none'}\n")
-    return finalized
+        meta = instance.metadata
+        waiting = ", ".join(instance.missing_triggers)
+        events.append((meta["created"], 1, f"{instance.name} created"
+                       + (f", waiting for {waiting}" if waiting and "scheduled" not in meta else "")))
+        if instance.name == "t_markComplete#0":
+            events.append((meta["created"], 0,
+                           "trigger 'sessionFinalized' fired by FinalizingTriggerManager"))
+        if "scheduled" in meta:
+            events.append((meta["scheduled"], 2,
+                           f"{instance.name} scheduled ({meta.get('runner')})"))
+        if "started" in meta:
+            events.append((meta["started"], 3, f"{instance.name} started"))
+        if instance.status.value == "finished":
+            events.append((meta["finished"], 4, f"{instance.name} finished {meta.get('result')} "
+                                                f"-> cascade {instance.task_name!r} fired"))
+        elif instance.status.value == "abandoned":
+            events.append((meta["modified"], 4, f"{instance.name} abandoned"))
+        elif instance.status.value == "failed":
+            events.append((meta["modified"], 4,
+                           f"{instance.name} failed: {meta.get('exc_message')}"))
+    return [(at, text) for at, _, text in sorted(events)]
 
 
-def main() -> int:
-    return 0 if run_demo() else 1
+def run_demo(output: TextIO = sys.stdout, celery: bool = False, manager: Any = None) -> bool:
+    """Run the questionnaire workflow; return whether the session was finalized.
+
+    ``manager``: a trigger manager to use (default: the finalizing manager over the
+    configured storage of a fresh session).
+    """
+    configure(celery)
+    from triggers.manager import build_manager
+    from triggers.runners import ThreadingTaskRunner
+    from triggers.testing import use_threading_runner
+
+    worker = None
+    if celery:
+        app.set_current()
+        worker = _Worker(output)
+        worker.wait_ready()
+    try:
+        if manager is None:
+            from triggers.conf import triggers_settings
+
+            manager = build_manager("finalizing", triggers_settings.STORAGE,
+                                    f"demo-{uuid.uuid4().hex[:8]}",
+                                    triggers_settings.storage_options())
+        storage = manager.storage
+        output.write(f"Session {storage.uid} on {type(storage).__name__} "
+                     f"({'Celery worker' if celery else 'threading runner'})\n")
+        manager.update_configuration(CONFIGURATION)
+        fired: list[tuple[float, str, dict[str, Any]]] = []
+        patch = None if celery else use_threading_runner()
+        if patch is not None:
+            patch.start()
+        try:
+            for trigger_name, kwargs in EVENTS:
+                fired.append((time.time(), trigger_name, kwargs))
+                manager.fire(trigger_name, kwargs)
+                time.sleep(0.05)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                ThreadingTaskRunner.join_all()
+                if not manager.get_unresolved_tasks():
+                    break
+                time.sleep(0.1)
+        finally:
+            if patch is not None:
+                patch.stop()
+        started = fired[0][0]
+        output.write("\nTimeline:\n")
+        for at, text in _timeline(manager, fired):
+            output.write(f"  {at - started:7.3f}s  {text}\n")
+        output.write("\nFinal state of the session:\n")
+        for instance in storage:
+            result = instance.metadata.get("result")
+            output.write(f"  {instance.name:<28} {instance.status.value:<10} {result}\n")
+        unresolved = [config.name for config in manager.get_unresolved_tasks()]
+        finalized = "sessionFinalized" in storage.latest_kwargs and not unresolved
+        output.write(f"\nSession finalized: {'yes' if finalized else 'no'}; unresolved tasks: "
+                     f"{', '.join(unresolved) or 'none'}\n")
+        return finalized
+    finally:
+        if worker is not None:
+            worker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m triggers.demo", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--celery", action="store_true",
+                        help=f"run on Redis with a real Celery worker ({REDIS_URL})")
+    options = parser.parse_args(argv)
+    return 0 if run_demo(celery=options.celery) else 1
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ from triggers.types import (
 if TYPE_CHECKING:
     pass
 
-__all__ = ["TriggerManager", "get_trigger_manager", "trigger_managers"]
+__all__ = ["FinalizingTriggerManager", "TriggerManager", "get_trigger_manager",
+           "trigger_managers"]
 
 logger = logging.getLogger(__name__)
 
@@ -546,6 +547,28 @@ def _check_task(run: str) -> str | None:
         return (f"Celery task {run!r} is a {type(task).__name__}, not a TriggerTask; "
                 "only TriggerTask subclasses can be run by triggers")
     return None
+
+
+class FinalizingTriggerManager(TriggerManager):
+    """Fires ``sessionFinalized`` once, when nothing else in the session is unresolved.
+
+    The cookbook's recipe as a library class (registry key ``finalizing``): after
+    every trigger it checks for unresolved tasks, ignoring those that wait for
+    ``sessionFinalized`` themselves, and fires ``sessionFinalized`` the first
+    time there are none.
+    """
+
+    TRIGGER_SESSION_FINALIZED = "sessionFinalized"
+
+    def _post_fire(self, trigger_name: str, tasks_scheduled: list[TaskInstance]) -> None:
+        if trigger_name == self.TRIGGER_SESSION_FINALIZED:
+            return
+        if self.TRIGGER_SESSION_FINALIZED in self.storage.latest_kwargs:
+            return
+        for config in self.get_unresolved_tasks():
+            if self.TRIGGER_SESSION_FINALIZED not in config.after:
+                return
+        self.fire(self.TRIGGER_SESSION_FINALIZED)
 
 
 #: Registry of trigger managers: ``trigger_managers.get('default', storage)``.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from argparse import ArgumentParser
-from typing import Any
+from typing import Any, TextIO, cast
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -17,6 +17,9 @@ def _json_argument(value: str) -> Any:
         return json.loads(value)
     except ValueError as exc:
         raise CommandError(f"Not valid JSON: {value!r} ({exc})") from exc
+
+
+_UNSET: Any = object()
 
 
 def _timeout_argument(value: str) -> int | None:
@@ -35,15 +38,17 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True, parser_class=ArgumentParser)
 
         def common(command: ArgumentParser) -> None:
-            command.add_argument("--manager", default="default",
-                                 help="registry key of the trigger manager (default: default)")
-            command.add_argument("--storage", default="cache",
-                                 help="registry key of the storage backend (default: cache)")
-            command.add_argument("--cache", default="default",
-                                 help="cache alias for the cache storage (default: default)")
-            command.add_argument("--timeout", type=_timeout_argument, default=3600,
-                                 help="key timeout of the cache storage, as the application "
-                                      "uses it: seconds, or 'none' (default: 3600)")
+            command.add_argument("--manager", help="registry key of the trigger manager "
+                                 "(default: TRIGGERS['MANAGER'])")
+            command.add_argument("--storage", help="registry key of the storage backend "
+                                 "(default: TRIGGERS['STORAGE'])")
+            command.add_argument("--database", help="database alias of the database storage "
+                                 "(default: TRIGGERS['DATABASE'])")
+            command.add_argument("--cache", help="cache alias of the cache storage "
+                                 "(default: TRIGGERS['CACHE'])")
+            command.add_argument("--timeout", type=_timeout_argument, default=_UNSET,
+                                 help="key timeout of the cache storage, as the application uses "
+                                      "it: seconds, or 'none' (default: TRIGGERS['TIMEOUT'])")
 
         inspect = sub.add_parser("inspect", help="show a session's tasks and instances")
         inspect.add_argument("uid")
@@ -68,9 +73,14 @@ class Command(BaseCommand):
         recover.add_argument("uids", nargs="*", metavar="uid")
         recover.add_argument("--all", action="store_true",
                              help="every session of the cache (Redis caches only)")
-        recover.add_argument("--older-than", type=float, default=300.0,
-                             help="seconds an instance must have been stuck (default 300)")
+        recover.add_argument("--older-than", type=float,
+                             help="seconds an instance must have been stuck "
+                                  "(default: TRIGGERS['RECOVER_AFTER'])")
         common(recover)
+
+        demo = sub.add_parser("demo", help="run the questionnaire demo workflow")
+        demo.add_argument("--celery", action="store_true",
+                          help="run it on Redis with a real Celery worker it starts and stops")
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
@@ -79,10 +89,20 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
 
     def manager(self, uid: str, options: dict[str, Any]) -> TriggerManager:
-        storage_options: dict[str, Any] = {}
-        if options["storage"] == "cache":
-            storage_options = {"cache": options["cache"], "timeout": options["timeout"]}
-        return build_manager(options["manager"], options["storage"], uid, storage_options)
+        from triggers.conf import triggers_settings
+
+        storage = options["storage"] or triggers_settings.STORAGE
+        storage_options = triggers_settings.storage_options() if (
+            storage == triggers_settings.STORAGE) else {}
+        if storage == "cache":
+            if options["cache"]:
+                storage_options["cache"] = options["cache"]
+            if options["timeout"] is not _UNSET:
+                storage_options["timeout"] = options["timeout"]
+        elif storage == "db" and options["database"]:
+            storage_options["using"] = options["database"]
+        return build_manager(options["manager"] or triggers_settings.MANAGER, storage, uid,
+                             storage_options)
 
     def do_inspect(self, options: dict[str, Any]) -> None:
         storage = self.manager(options["uid"], options).storage
@@ -124,17 +144,32 @@ class Command(BaseCommand):
     def do_recover(self, options: dict[str, Any]) -> None:
         uids = list(options["uids"])
         if options["all"]:
-            if options["storage"] != "cache":
-                raise CommandError("--all lists sessions of the cache storage only")
-            from triggers.storages.cache import CacheStorageBackend
+            from triggers.conf import triggers_settings
 
-            uids += CacheStorageBackend.session_uids(options["cache"])
+            storage = options["storage"] or triggers_settings.STORAGE
+            if storage == "cache":
+                from triggers.storages.cache import CacheStorageBackend
+
+                uids += CacheStorageBackend.session_uids(options["cache"]
+                                                         or triggers_settings.CACHE)
+            elif storage == "db":
+                from triggers.storages.database import DatabaseStorageBackend
+
+                uids += DatabaseStorageBackend.session_uids(options["database"]
+                                                            or triggers_settings.DATABASE)
+            else:
+                raise CommandError("--all lists sessions of the cache and database storages only")
         if not uids:
             raise CommandError("Name the session UIDs to recover, or use --all")
+        from triggers.conf import triggers_settings
+
+        older_than = options["older_than"]
+        if older_than is None:
+            older_than = triggers_settings.RECOVER_AFTER
         total, failures = 0, []
         for uid in uids:
             try:
-                recovered = self.manager(uid, options).recover(options["older_than"])
+                recovered = self.manager(uid, options).recover(older_than)
             except TriggersError as exc:
                 failures.append(uid)
                 self.stderr.write(f"{uid}: not recovered: {exc}")
@@ -148,3 +183,25 @@ class Command(BaseCommand):
         if failures:
             raise CommandError(f"{len(failures)} session(s) could not be recovered: "
                                f"{', '.join(failures)}")
+
+    def do_demo(self, options: dict[str, Any]) -> None:
+        if options["celery"]:
+            # The Celery flavour runs standalone: a worker of the project would not know
+            # the demo's tasks, so it starts its own.
+            import subprocess
+            import sys
+
+            code = subprocess.call([sys.executable, "-m", "triggers.demo", "--celery"])
+            if code:
+                raise CommandError("The demo did not finish its workflow")
+            return
+        import uuid
+
+        from triggers.conf import triggers_settings
+        from triggers.demo import run_demo
+        from triggers.manager import build_manager
+
+        manager = build_manager("finalizing", triggers_settings.STORAGE,
+                                f"demo-{uuid.uuid4().hex[:8]}", triggers_settings.storage_options())
+        if not run_demo(cast(TextIO, self.stdout), manager=manager):
+            raise CommandError("The demo did not finish its workflow")
