@@ -13,7 +13,19 @@ CACHES = {
         "KEY_PREFIX": "bench",
     },
 }
-DATABASES = {}
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.environ.get("TRIGGERS_BENCH_SQLITE", "/tmp/triggers-bench.sqlite3"),
+        "OPTIONS": {"timeout": 30},
+    },
+    "postgres": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": os.environ.get("TRIGGERS_BENCH_PG_NAME", "test"),
+        "HOST": "127.0.0.1",
+        "USER": os.environ.get("TRIGGERS_BENCH_PG_USER", "postgres"),
+    },
+}
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
