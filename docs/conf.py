@@ -57,6 +57,8 @@ autodoc_inherit_docstrings = False
 nitpick_ignore_regex = [
     (r"py:class", r"(collections\.abc|contextlib|enum|logging)\.\w+"),
     (r"py:class", r"(celery|class_registry)\..+"),
+    # Django's classes (base classes of the models, check messages).
+    (r"py:class", r"django\..+"),
     # The type variable of triggers.exceptions.with_context.
     (r"py:class", r"triggers\.exceptions\.E"),
     # Type variables of generic helpers.

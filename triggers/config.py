@@ -8,13 +8,18 @@ from typing import Any
 
 from triggers.exceptions import ConfigurationError, ConfigurationProblem, InvalidArgument
 from triggers.types import (
+    CONDITION_ALL,
+    CONDITION_ANY,
     DIRECTIVE_AFTER,
     DIRECTIVE_AND_EVERY,
+    DIRECTIVE_DELAY,
+    DIRECTIVE_ON_RECOVERY,
     DIRECTIVE_RUN,
     DIRECTIVE_UNLESS,
     DIRECTIVE_USING,
     DIRECTIVE_WITH_PARAMS,
     INSTANCE_SEPARATOR,
+    OUTCOME_DIRECTIVES,
     TaskConfig,
     TaskStatus,
 )
@@ -27,6 +32,10 @@ __all__ = [
     "validate_configuration",
     "validate_trigger_name",
 ]
+
+
+#: What a recovery run does with a task's failed instance (directive ``onRecovery``).
+RECOVERY_POLICIES = ("rerun", "skip")
 
 
 def _describe(value: Any) -> str:
@@ -54,15 +63,34 @@ def validate_trigger_name(name: Any) -> str | None:
     return None
 
 
-def _trigger_list(value: Any, allow_empty: bool) -> str | None:
+def _trigger_list(value: Any, allow_empty: bool, conditions: bool = False) -> str | None:
+    """What is wrong with a list of triggers (or of condition items), or ``None``."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, Set)):
         return f"expected a list of trigger names, got {_describe(value)}"
     if not value and not allow_empty:
         return "expected at least one trigger name, got an empty list"
     for item in value:
-        problem = validate_trigger_name(item)
+        problem = _condition_item(item, 0) if conditions else validate_trigger_name(item)
         if problem:
             return f"{problem} (in {_describe(value)})"
+    return None
+
+
+def _condition_item(item: Any, depth: int) -> str | None:
+    if not isinstance(item, Mapping):
+        return validate_trigger_name(item)
+    if depth >= 8:
+        return "conditions may nest at most 8 levels deep"
+    if len(item) != 1 or next(iter(item)) not in (CONDITION_ANY, CONDITION_ALL):
+        return (f"a nested condition must be {{'any': [...]}} or {{'all': [...]}}, "
+                f"got {_describe(item)}")
+    nested = next(iter(item.values()))
+    if isinstance(nested, (str, bytes)) or not isinstance(nested, (list, tuple)) or not nested:
+        return f"{next(iter(item))!r} takes a non-empty list, got {_describe(nested)}"
+    for sub in nested:
+        problem = _condition_item(sub, depth + 1)
+        if problem:
+            return problem
     return None
 
 
@@ -161,7 +189,8 @@ def validate_configuration(
         if DIRECTIVE_AFTER not in entry:
             problem(task_name, DIRECTIVE_AFTER, "required directive is missing")
         else:
-            trouble = _trigger_list(entry[DIRECTIVE_AFTER], allow_empty=bool(and_every))
+            trouble = _trigger_list(entry[DIRECTIVE_AFTER], allow_empty=bool(and_every),
+                                    conditions=True)
             if trouble:
                 problem(task_name, DIRECTIVE_AFTER, trouble)
 
@@ -178,7 +207,7 @@ def validate_configuration(
                     problem(task_name, DIRECTIVE_RUN, trouble)
 
         if entry.get(DIRECTIVE_UNLESS) is not None:
-            trouble = _trigger_list(entry[DIRECTIVE_UNLESS], allow_empty=True)
+            trouble = _trigger_list(entry[DIRECTIVE_UNLESS], allow_empty=True, conditions=True)
             if trouble:
                 problem(task_name, DIRECTIVE_UNLESS, trouble)
 
@@ -199,6 +228,23 @@ def validate_configuration(
                     elif not all(isinstance(k, str) for k in value):
                         problem(task_name, DIRECTIVE_WITH_PARAMS,
                                 f"kwarg names for {key!r} must be strings")
+
+        delay = entry.get(DIRECTIVE_DELAY)
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
+                                  or delay < 0 or delay != delay):
+            problem(task_name, DIRECTIVE_DELAY,
+                    f"expected a number of seconds >= 0, got {_describe(delay)}")
+
+        for directive in OUTCOME_DIRECTIVES:
+            if entry.get(directive) is not None:
+                trouble = _trigger_list(entry[directive], allow_empty=True)
+                if trouble:
+                    problem(task_name, directive, trouble)
+
+        policy = entry.get(DIRECTIVE_ON_RECOVERY)
+        if policy is not None and policy not in RECOVERY_POLICIES:
+            problem(task_name, DIRECTIVE_ON_RECOVERY,
+                    f"expected one of {', '.join(RECOVERY_POLICIES)}, got {_describe(policy)}")
 
         using = entry.get(DIRECTIVE_USING)
         if using is not None and runner_names is not None:

@@ -27,6 +27,11 @@ from triggers.registry import TriggersRegistry
 from triggers.storages import storage_backends
 from triggers.storages.base import BaseTriggerStorage, SessionStep
 from triggers.types import (
+    DIRECTIVE_ON_COMPLETE,
+    DIRECTIVE_ON_FAILURE,
+    DIRECTIVE_ON_READY,
+    DIRECTIVE_ON_START,
+    DIRECTIVE_ON_SUCCESS,
     STATUS_ABANDONED,
     STATUS_FAILED,
     STATUS_FINISHED,
@@ -38,6 +43,8 @@ from triggers.types import (
     TaskConfig,
     TaskInstance,
     TaskStatus,
+    condition_met,
+    condition_names,
     now,
 )
 
@@ -50,6 +57,11 @@ __all__ = ["FinalizingTriggerManager", "TriggerManager", "get_trigger_manager",
 logger = logging.getLogger(__name__)
 
 Kwargs = dict[str, Any]
+#: The triggers applied in one step, in order, each with the instances it scheduled.
+Fired = list[tuple[str, list[TaskInstance]]]
+
+#: Triggers one step may apply (the fired one, cascades and outcome triggers).
+MAX_TRIGGERS_PER_STEP = 1000
 
 class TriggerManager:
     """Controls one session through its storage backend.
@@ -106,10 +118,13 @@ class TriggerManager:
         if problem:
             raise InvalidTrigger(f"Cannot fire in session {self.storage.uid!r}: {problem}")
         kwargs = check_kwargs(trigger_kwargs, f"trigger_kwargs of {trigger_name!r}", InvalidTrigger)
-        scheduled = self.storage.transact(
-            lambda step: self._apply_trigger(step, trigger_name, kwargs))
-        self._after_step(trigger_name, scheduled)
-        return scheduled
+        def apply(step: SessionStep) -> Fired:
+            self._apply_trigger(step, trigger_name, kwargs)
+            return step.fired
+
+        fired = self.storage.transact(apply)
+        self._after_step(fired)
+        return fired[0][1]
 
     def replay_failed_instance(self, failed_instance: TaskInstance | str,
                                replacement_kwargs: Mapping[str, Mapping[str, Any]] | None = None
@@ -143,18 +158,17 @@ class TriggerManager:
         """Mark a failed instance ``skipped``; with ``cascade`` fire its task as if it succeeded."""
         name = self._instance_name(failed_instance)
         result_kwargs = check_kwargs(result, "result")
-        def skip(step: SessionStep) -> tuple[TaskInstance, list[TaskInstance]]:
+        def skip(step: SessionStep) -> tuple[TaskInstance, Fired]:
             instance = step.instance(name)
             self._require(instance, instance.can_skip, "skipped", "only failed instances")
             instance.set_status(STATUS_SKIPPED, **({"result": result_kwargs} if cascade else {}))
             step.save(instance)
-            if not cascade:
-                return instance, []
-            return instance, self._apply_trigger(step, instance.task_name, result_kwargs)
+            if cascade:
+                self._apply_trigger(step, instance.task_name, result_kwargs)
+            return instance, step.fired
 
-        instance, scheduled = self.storage.transact(skip)
-        if cascade:
-            self._after_step(instance.task_name, scheduled)
+        instance, fired = self.storage.transact(skip)
+        self._after_step(fired)
         self.storage.on_commit(lambda: self._post_skip(instance, cascade))
         return instance
 
@@ -170,17 +184,16 @@ class TriggerManager:
         new_status = check_status(status)
         meta = check_kwargs(metadata, "metadata")
         cascade_args = check_kwargs(cascade_kwargs, "cascade_kwargs")
-        def update(step: SessionStep) -> tuple[TaskInstance, list[TaskInstance]]:
+        def update(step: SessionStep) -> tuple[TaskInstance, Fired]:
             instance = step.instance(name)
             instance.set_status(new_status, **meta)
             step.save(instance)
-            if not cascade:
-                return instance, []
-            return instance, self._apply_trigger(step, instance.task_name, cascade_args)
+            if cascade:
+                self._apply_trigger(step, instance.task_name, cascade_args)
+            return instance, step.fired
 
-        instance, scheduled = self.storage.transact(update)
-        if cascade:
-            self._after_step(instance.task_name, scheduled)
+        instance, fired = self.storage.transact(update)
+        self._after_step(fired)
         return instance
 
     def update_instance_metadata(self, task_instance: TaskInstance | str,
@@ -228,9 +241,9 @@ class TriggerManager:
             stuck: list[TaskInstance] = []
             for instance in list(step.state.open.values()):
                 if instance.status == STATUS_SCHEDULED:
-                    # A retry waiting out its cooldown is not stuck until the cooldown ends.
-                    since = float(instance.metadata.get("scheduled", instance.metadata.get(
-                        "modified", 0))) + float(instance.metadata.get("cooldown") or 0)
+                    # One waiting out its delay or cooldown is not stuck until that ends.
+                    since = float(instance.start_after or instance.metadata.get(
+                        "scheduled", instance.metadata.get("modified", 0)))
                 elif instance.status == STATUS_RUNNING:
                     since = instance.metadata.get("started", instance.metadata.get("modified", 0))
                 else:
@@ -297,41 +310,46 @@ class TriggerManager:
     def _start_instance(self, name: str) -> TaskInstance | None:
         """Atomically move ``scheduled`` → ``running``; ``None`` for a duplicate delivery."""
 
-        def start(step: SessionStep) -> TaskInstance | None:
+        def start(step: SessionStep) -> tuple[TaskInstance | None, Fired]:
             instance = step.instance(name)
             if instance.status != STATUS_SCHEDULED:
-                return None
+                return None, []
             instance.set_status(STATUS_RUNNING, started=now(), run=secrets.token_hex(4),
                                 attempts=int(instance.metadata.get("attempts", 0)) + 1)
             instance.metadata.pop("dispatch_error", None)
             step.save(instance)
-            return instance.copy()
+            self._fire_outcome(step, instance, DIRECTIVE_ON_START, {"instance": instance.name})
+            return instance.copy(), step.fired
 
-        started = self.storage.transact(start)
+        started, fired = self.storage.transact(start)
         if started is None:
             logger.warning(
                 "Ignoring a delivery of %s in session %r: it is not scheduled (a duplicate "
                 "or late message); nothing changed.", name, self.storage.uid,
             )
+        self._after_step(fired)
         return started
 
     def _finish_instance(self, started: TaskInstance, result: Kwargs, log_level: int) -> None:
         """``running`` → ``finished`` and the cascade, in one atomic step."""
 
-        def finish(step: SessionStep) -> list[TaskInstance] | None:
+        def finish(step: SessionStep) -> Fired | None:
             instance = self._running(step, started)
             if instance is None:
                 return None
             instance.set_status(STATUS_FINISHED, result=result, finished=now(),
                                 log_level=max(log_level, instance.log_level))
             step.save(instance)
-            return self._apply_trigger(step, instance.task_name, result)
+            self._apply_trigger(step, instance.task_name, result)
+            for directive in (DIRECTIVE_ON_SUCCESS, DIRECTIVE_ON_COMPLETE):
+                self._fire_outcome(step, instance, directive, result)
+            return step.fired
 
-        scheduled = self.storage.transact(finish)
-        if scheduled is None:
+        fired = self.storage.transact(finish)
+        if fired is None:
             self._log_stale_outcome(started)
             return
-        self._after_step(started.task_name, scheduled)
+        self._after_step(fired)
 
     def _fail_instance(self, started: TaskInstance, exc: BaseException, log_level: int) -> None:
         context = getattr(exc, "context", None)
@@ -343,25 +361,35 @@ class TriggerManager:
         }
         if isinstance(context, Mapping):
             meta["exc_context"] = _json_copy_lenient(context)
-        self._end_running(started, STATUS_FAILED, meta, log_level)
+        self._end_running(started, STATUS_FAILED, meta, log_level, outcome={
+            "instance": started.name, "exc_type": meta["exc_type"],
+            "exc_message": meta["exc_message"]})
 
     def _skip_running_instance(self, started: TaskInstance, metadata: Kwargs, log_level: int
                                ) -> None:
         self._end_running(started, STATUS_SKIPPED, {"finished": now(), **metadata}, log_level)
 
     def _end_running(self, started: TaskInstance, status: TaskStatus, metadata: Kwargs,
-                     log_level: int) -> None:
-        def end(step: SessionStep) -> bool:
+                     log_level: int, outcome: Kwargs | None = None) -> None:
+        """End a run as failed or skipped; a failure fires onFailure and onComplete."""
+
+        def end(step: SessionStep) -> Fired | None:
             instance = self._running(step, started)
             if instance is None:
-                return False
+                return None
             instance.set_status(status, **{**metadata,
                                            "log_level": max(log_level, instance.log_level)})
             step.save(instance)
-            return True
+            if outcome is not None:
+                for directive in (DIRECTIVE_ON_FAILURE, DIRECTIVE_ON_COMPLETE):
+                    self._fire_outcome(step, instance, directive, outcome)
+            return step.fired
 
-        if not self.storage.transact(end):
+        fired = self.storage.transact(end)
+        if fired is None:
             self._log_stale_outcome(started)
+            return
+        self._after_step(fired)
 
     def _retry_instance(self, started: TaskInstance, replacement_kwargs: dict[str, Kwargs] | None,
                         cooldown: float | None, metadata: Kwargs, log_level: int,
@@ -392,24 +420,35 @@ class TriggerManager:
 
     def _apply_trigger(self, step: SessionStep, trigger_name: str, kwargs: Kwargs
                        ) -> list[TaskInstance]:
-        """Record a trigger and update every task that reacts to it; returns what it scheduled."""
+        """Record a trigger and update every task that reacts to it; returns what it scheduled.
+
+        The step's ``fired`` log gets the trigger and what it scheduled, followed by
+        the ``onReady`` triggers of those instances (applied in the same step).
+        """
+        if len(step.fired) >= MAX_TRIGGERS_PER_STEP:
+            raise InvalidTrigger(
+                f"More than {MAX_TRIGGERS_PER_STEP} triggers in one step of session "
+                f"{self.storage.uid!r} (last: {trigger_name!r}): outcome triggers "
+                "(onReady, onStart …) form a loop. Nothing was changed.",
+                session_uid=self.storage.uid,
+            )
         step.set_latest_kwargs(trigger_name, kwargs)
         latest = step.latest_kwargs
         touched: list[TaskInstance] = []
         for config in step.tasks.values():
             if trigger_name not in config.triggers:
                 continue
-            if config.unless and all(name in latest for name in config.unless):
-                if trigger_name in config.unless:
+            if config.unless and condition_met(config.unless, latest):
+                if trigger_name in condition_names(config.unless):
                     self._abandon(step, config, trigger_name)
                 continue
             if trigger_name == config.and_every:
-                inherited = {t: latest[t] for t in config.after if t in latest}
+                inherited = {t: latest[t] for t in config.after_names if t in latest}
                 inherited[trigger_name] = kwargs
                 touched.append(step.new_instance(config, inherited))
-            elif trigger_name in config.after:
+            elif trigger_name in config.after_names:
                 if not config.and_every and step.count(config.name) == 0:
-                    inherited = {t: latest[t] for t in config.after if t in latest}
+                    inherited = {t: latest[t] for t in config.after_names if t in latest}
                     touched.append(step.new_instance(config, inherited))
                     continue
                 for instance in step.open_instances_of(config.name):
@@ -420,7 +459,15 @@ class TriggerManager:
         scheduled = [instance for instance in touched if instance.can_schedule]
         for instance in scheduled:
             self._schedule(step, instance)
+        step.fired.append((trigger_name, scheduled))
+        for instance in scheduled:
+            self._fire_outcome(step, instance, DIRECTIVE_ON_READY, {"instance": instance.name})
         return scheduled
+
+    def _fire_outcome(self, step: SessionStep, instance: TaskInstance, directive: str,
+                      kwargs: Kwargs) -> None:
+        for trigger_name in instance.config.outcome_triggers(directive):
+            self._apply_trigger(step, trigger_name, kwargs)
 
     def _abandon(self, step: SessionStep, config: TaskConfig, trigger_name: str) -> None:
         if step.count(config.name) == 0:
@@ -434,7 +481,12 @@ class TriggerManager:
 
     def _schedule(self, step: SessionStep, instance: TaskInstance) -> None:
         runner = instance.config.using or self.default_task_runner_name
-        instance.set_status(STATUS_SCHEDULED, scheduled=now(), runner=runner)
+        stamp = now()
+        extra: Kwargs = {}
+        if instance.config.delay:
+            extra = {"delay": instance.config.delay,
+                     "start_after": round(stamp + instance.config.delay, 3)}
+        instance.set_status(STATUS_SCHEDULED, scheduled=stamp, runner=runner, **extra)
         step.save(instance)
 
     def _replace_instance(self, step: SessionStep, old: TaskInstance,
@@ -447,18 +499,24 @@ class TriggerManager:
         meta: Kwargs = {"parent": old.name}
         if depth:
             meta["depth"] = depth
-        if cooldown:
-            meta["cooldown"] = cooldown
         clone = step.new_instance(old.config, replacement if replacement is not None else old.kwargs,
                                   STATUS_UNSTARTED, meta)
         old.metadata["replaced_by"] = clone.name
         self._schedule(step, clone)
+        if cooldown:
+            clone.metadata["cooldown"] = cooldown
+            clone.metadata["start_after"] = round(clone.metadata["scheduled"] + cooldown, 3)
         return clone
 
-    def _after_step(self, trigger_name: str, scheduled: list[TaskInstance]) -> None:
+    def _after_step(self, fired: Fired) -> None:
+        """After commit: dispatch what the step scheduled, then ``_post_fire`` per trigger."""
+        if not fired:
+            return
+
         def after_commit() -> None:
-            self._dispatch(scheduled)
-            self._post_fire(trigger_name, scheduled)
+            self._dispatch([instance for _, scheduled in fired for instance in scheduled])
+            for trigger_name, scheduled in fired:
+                self._post_fire(trigger_name, scheduled)
 
         self.storage.on_commit(after_commit)
 

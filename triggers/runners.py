@@ -125,8 +125,8 @@ class CeleryTaskRunner(BaseTaskRunner):
 
         name = task_instance.config.run
         message = manager.build_task_message(task_instance)
-        cooldown = float(task_instance.metadata.get("cooldown") or 0)
-        options: dict[str, Any] = {"countdown": cooldown} if cooldown > 0 else {}
+        wait = _seconds_to_wait(task_instance)
+        options: dict[str, Any] = {"countdown": wait} if wait > 0 else {}
         if find_task(name) is None:
             # Worker-only task modules need not be importable here: send by name.
             current_app.send_task(name, kwargs=message, **options)
@@ -148,7 +148,7 @@ class ThreadingTaskRunner(BaseTaskRunner):
         manager_class = type(manager)
         storage = manager.storage
         storage_class, uid, options = type(storage), storage.uid, storage.get_options()
-        delay = float(task_instance.metadata.get("cooldown") or 0)
+        delay = _seconds_to_wait(task_instance)
         name = task_instance.name
 
         def target() -> None:
@@ -203,6 +203,12 @@ class ThreadingTaskRunner(BaseTaskRunner):
                 if hasattr(first, "add_note"):
                     first.add_note(f"Another runner thread failed too: {other!r}")
             raise first
+
+
+def _seconds_to_wait(task_instance: TaskInstance) -> float:
+    """Seconds until a delayed (or cooling-down) instance may start; 0 if it may now."""
+    start_after = task_instance.start_after
+    return max(0.0, round(start_after - time.time(), 3)) if start_after is not None else 0.0
 
 
 def _close_thread_connections() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 __all__ = [
@@ -70,6 +70,22 @@ DIRECTIVE_AND_EVERY = "andEvery"
 DIRECTIVE_UNLESS = "unless"
 DIRECTIVE_WITH_PARAMS = "withParams"
 DIRECTIVE_USING = "using"
+DIRECTIVE_DELAY = "delay"
+DIRECTIVE_ON_READY = "onReady"
+DIRECTIVE_ON_START = "onStart"
+DIRECTIVE_ON_SUCCESS = "onSuccess"
+DIRECTIVE_ON_FAILURE = "onFailure"
+DIRECTIVE_ON_COMPLETE = "onComplete"
+DIRECTIVE_ON_RECOVERY = "onRecovery"
+#: Outcome directives: triggers fired when an instance becomes ready, starts,
+#: succeeds, fails (retries exhausted), or completes either way.
+OUTCOME_DIRECTIVES = (
+    DIRECTIVE_ON_READY,
+    DIRECTIVE_ON_START,
+    DIRECTIVE_ON_SUCCESS,
+    DIRECTIVE_ON_FAILURE,
+    DIRECTIVE_ON_COMPLETE,
+)
 DIRECTIVES = (
     DIRECTIVE_AFTER,
     DIRECTIVE_RUN,
@@ -77,7 +93,51 @@ DIRECTIVES = (
     DIRECTIVE_UNLESS,
     DIRECTIVE_WITH_PARAMS,
     DIRECTIVE_USING,
+    DIRECTIVE_DELAY,
+    DIRECTIVE_ON_RECOVERY,
+    *OUTCOME_DIRECTIVES,
 )
+#: Keys of a nested condition: ``{"any": [...]}`` (OR) and ``{"all": [...]}`` (AND).
+CONDITION_ANY = "any"
+CONDITION_ALL = "all"
+
+#: A condition: a list of items that must all hold; an item is a trigger name,
+#: ``{"any": [items]}`` (at least one holds) or ``{"all": [items]}`` (all hold).
+Condition = list[Any]
+
+
+def condition_names(condition: Iterable[Any]) -> set[str]:
+    """Every trigger name a condition mentions."""
+    names: set[str] = set()
+    for item in condition:
+        if isinstance(item, str):
+            names.add(item)
+        elif isinstance(item, Mapping):
+            for nested in item.values():
+                names |= condition_names(nested)
+    return names
+
+
+def condition_met(condition: Iterable[Any], fired: Collection[str]) -> bool:
+    """Whether every item of ``condition`` holds, given the triggers that fired."""
+    return all(_item_met(item, fired) for item in condition)
+
+
+def _item_met(item: Any, fired: Collection[str]) -> bool:
+    if isinstance(item, str):
+        return item in fired
+    if CONDITION_ANY in item:
+        return any(_item_met(nested, fired) for nested in item[CONDITION_ANY])
+    return all(_item_met(nested, fired) for nested in item[CONDITION_ALL])
+
+
+def describe_item(item: Any) -> str:
+    """``a``, ``(b | c)``, ``(d & e)``: a condition item for people."""
+    if isinstance(item, str):
+        return item
+    if CONDITION_ANY in item:
+        return "(" + " | ".join(describe_item(nested) for nested in item[CONDITION_ANY]) + ")"
+    return "(" + " & ".join(describe_item(nested) for nested in item[CONDITION_ALL]) + ")"
 
 
 class TaskConfig:
@@ -88,7 +148,8 @@ class TaskConfig:
     managers.
     """
 
-    __slots__ = ("after", "and_every", "extras", "name", "run", "unless", "using", "with_params")
+    __slots__ = ("_names", "after", "and_every", "delay", "extras", "name", "on_recovery",
+                 "outcomes", "run", "unless", "using", "with_params")
 
     def __init__(
         self,
@@ -100,6 +161,9 @@ class TaskConfig:
         with_params: Mapping[str, Mapping[str, Any]] | None = None,
         using: str | None = None,
         extras: Mapping[str, Any] | None = None,
+        delay: float | None = None,
+        outcomes: Mapping[str, Iterable[str]] | None = None,
+        on_recovery: str | None = None,
     ) -> None:
         self.name = name
         self.after: list[str] = sorted(after) if isinstance(after, (set, frozenset)) else list(after)
@@ -112,6 +176,16 @@ class TaskConfig:
         }
         self.using = using
         self.extras: dict[str, Any] = dict(extras or {})
+        #: Seconds between becoming ready and starting.
+        self.delay = delay
+        #: Outcome directive (``onSuccess`` …) → triggers it fires.
+        self.outcomes: dict[str, list[str]] = {
+            key: list(value) for key, value in (outcomes or {}).items() if value}
+        #: ``rerun`` or ``skip``: what a recovery run does with a failed instance.
+        self.on_recovery = on_recovery
+        #: Every trigger name the task reacts to.
+        self._names = condition_names(self.after) | condition_names(self.unless) | (
+            {and_every} if and_every else set())
 
     # camelCase aliases, matching the directive names of a configuration.
     @property
@@ -125,10 +199,16 @@ class TaskConfig:
     @property
     def triggers(self) -> set[str]:
         """Every trigger this task reacts to (``after``, ``andEvery`` and ``unless``)."""
-        names = set(self.after) | set(self.unless)
-        if self.and_every:
-            names.add(self.and_every)
-        return names
+        return self._names
+
+    @property
+    def after_names(self) -> set[str]:
+        """Every trigger name in ``after`` (nested conditions included)."""
+        return condition_names(self.after)
+
+    def outcome_triggers(self, directive: str) -> list[str]:
+        """Triggers the outcome directive (``onSuccess`` …) fires."""
+        return self.outcomes.get(directive, [])
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration entry, as it would be written in a configuration."""
@@ -141,6 +221,12 @@ class TaskConfig:
             data[DIRECTIVE_WITH_PARAMS] = {k: dict(v) for k, v in self.with_params.items()}
         if self.using is not None:
             data[DIRECTIVE_USING] = self.using
+        if self.delay is not None:
+            data[DIRECTIVE_DELAY] = self.delay
+        for directive, names in self.outcomes.items():
+            data[directive] = list(names)
+        if self.on_recovery is not None:
+            data[DIRECTIVE_ON_RECOVERY] = self.on_recovery
         data.update(self.extras)
         return data
 
@@ -157,6 +243,9 @@ class TaskConfig:
             with_params=data.get(DIRECTIVE_WITH_PARAMS) or {},
             using=data.get(DIRECTIVE_USING),
             extras=extras,
+            delay=data.get(DIRECTIVE_DELAY),
+            outcomes={key: data[key] for key in OUTCOME_DIRECTIVES if data.get(key)},
+            on_recovery=data.get(DIRECTIVE_ON_RECOVERY),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -210,23 +299,39 @@ class TaskInstance:
 
     @property
     def missing_triggers(self) -> list[str]:
-        """``after`` triggers that have not reached this instance yet."""
-        return [name for name in self.config.after if name not in self.kwargs]
+        """``after`` items that do not hold yet (``(b | c)`` for an unmet OR)."""
+        return [describe_item(item) for item in self.config.after
+                if not _item_met(item, self.kwargs)]
+
+    @property
+    def is_ready(self) -> bool:
+        """Whether the ``after`` condition holds for the triggers that reached it."""
+        return condition_met(self.config.after, self.kwargs)
+
+    @property
+    def start_after(self) -> float | None:
+        """When a delayed (or cooling-down) scheduled instance may start (epoch seconds)."""
+        value = self.metadata.get("start_after")
+        return float(value) if value is not None else None
 
     @property
     def can_abandon(self) -> bool:
-        """Only an instance that has not been handed to a runner can be abandoned."""
-        return self.status == STATUS_UNSTARTED
+        """Unstarted, or scheduled but still waiting out its delay."""
+        if self.status == STATUS_UNSTARTED:
+            return True
+        start_after = self.start_after
+        return (self.status == STATUS_SCHEDULED and start_after is not None
+                and start_after > time.time())
 
     @property
     def can_run(self) -> bool:
         """Every ``after`` trigger has fired and the instance has not started yet."""
-        return self.status in (STATUS_UNSTARTED, STATUS_SCHEDULED) and not self.missing_triggers
+        return self.status in (STATUS_UNSTARTED, STATUS_SCHEDULED) and self.is_ready
 
     @property
     def can_schedule(self) -> bool:
         """Ready to be handed to a runner: unstarted, with every ``after`` trigger fired."""
-        return self.status == STATUS_UNSTARTED and not self.missing_triggers
+        return self.status == STATUS_UNSTARTED and self.is_ready
 
     @property
     def can_replay(self) -> bool:

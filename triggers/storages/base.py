@@ -214,6 +214,8 @@ class SessionStep:
         self._dirty: dict[str, TaskInstance] = {}
         self._changed = False
         self._tasks_changed = False
+        #: Triggers applied in this step, in order, with the instances each scheduled.
+        self.fired: list[tuple[str, list[TaskInstance]]] = []
 
     # -- reading ------------------------------------------------------------
 
