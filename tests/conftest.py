@@ -42,6 +42,23 @@ def redis_server():
     client.flushdb()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def postgres_server():
+    """The real PostgreSQL must be reachable: the database storage is tested against it."""
+    import socket
+
+    database = settings.DATABASES["postgres"]
+    try:
+        socket.create_connection((database["HOST"], int(database["PORT"])), timeout=2).close()
+    except OSError as exc:
+        pytest.exit(
+            f"PostgreSQL is not reachable at {database['HOST']}:{database['PORT']} ({exc}). "
+            "Start it with:\n  pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) "
+            "main start",
+            returncode=3,
+        )
+
+
 @pytest.fixture
 def uid():
     """A fresh session UID."""

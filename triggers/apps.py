@@ -11,4 +11,4 @@ class TriggersConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from triggers import checks  # noqa: F401 - registers the system checks
+        from triggers import checks, tasks  # noqa: F401 - registers the checks and built-in tasks

@@ -71,15 +71,20 @@ class TriggersSettings:
     def reload(self) -> None:
         self._cache = None
 
-    def storage_options(self) -> dict[str, Any]:
-        """Keyword arguments for the configured storage backend."""
+    def storage_options(self, storage: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for a storage backend (default: the configured one).
+
+        ``STORAGE_OPTIONS`` apply to the configured backend only.
+        """
+        storage = storage or self.STORAGE
         options: dict[str, Any] = {"lock_expire": self.LOCK_EXPIRE,
                                    "lock_timeout": self.LOCK_TIMEOUT}
-        if self.STORAGE == "cache":
+        if storage == "cache":
             options.update(cache=self.CACHE, timeout=self.TIMEOUT)
-        elif self.STORAGE == "db":
+        elif storage == "db":
             options.update(using=self.DATABASE)
-        options.update(self.STORAGE_OPTIONS or {})
+        if storage == self.STORAGE:
+            options.update(self.STORAGE_OPTIONS or {})
         return options
 
 

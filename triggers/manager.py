@@ -61,7 +61,7 @@ Kwargs = dict[str, Any]
 Fired = list[tuple[str, list[TaskInstance]]]
 
 #: Triggers one step may apply (the fired one, cascades and outcome triggers).
-MAX_TRIGGERS_PER_STEP = 1000
+MAX_TRIGGERS_PER_STEP = 100
 
 class TriggerManager:
     """Controls one session through its storage backend.
@@ -223,16 +223,18 @@ class TriggerManager:
         """Instances that are not finished, abandoned, replayed or skipped."""
         return self.storage.get_unresolved_instances()
 
-    def recover(self, older_than: float = 300.0) -> list[TaskInstance]:
+    def recover(self, older_than: float | None = None) -> list[TaskInstance]:
         """Re-dispatch instances stuck in ``scheduled`` or ``running``; returns them.
 
         An instance is stuck when it has been ``scheduled`` (its message was lost,
         or the broker was down) or ``running`` (its worker died) for at least
-        ``older_than`` seconds. A running one goes back to ``scheduled`` first:
+        ``older_than`` seconds (default: ``TRIGGERS['RECOVER_AFTER']``, 300). A running one goes back to ``scheduled`` first:
         its old run can no longer record an outcome. Exactly-once start still
         holds for every dispatch; choose ``older_than`` above your longest task,
         since a run that is merely slow would otherwise be started again.
         """
+        if older_than is None:
+            older_than = _recover_after()
         if not isinstance(older_than, (int, float)) or older_than < 0:
             raise InvalidArgument(f"older_than must be a number of seconds >= 0, got {older_than!r}")
         limit = now() - older_than
@@ -264,6 +266,33 @@ class TriggerManager:
                            self.storage.uid, instance.metadata["recovered_from"])
         self.storage.on_commit(lambda: self._dispatch(stuck))
         return stuck
+
+    def recovery_run(self, older_than: float = 0.0,
+                     replacement_kwargs: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None
+                     ) -> dict[str, list[str]]:
+        """Rerun what a run left undone; keep what finished (Eventor's recovery run).
+
+        Stuck ``scheduled`` / ``running`` instances (older than ``older_than``
+        seconds; 0 when the previous run is known to be over) are dispatched
+        again, and every failed instance is replayed — or skipped, if its task
+        says ``"onRecovery": "skip"``. ``replacement_kwargs`` maps task names to
+        the kwargs their replays get. Finished instances and their cascades stay.
+        Returns the names ``recovered``, ``replayed`` and ``skipped``.
+        """
+        replacements = dict(replacement_kwargs or {})
+        recovered = [instance.name for instance in self.recover(older_than)]
+        replayed: list[str] = []
+        skipped: list[str] = []
+        for instance in self.get_unresolved_instances():
+            if instance.status != STATUS_FAILED:
+                continue
+            if instance.config.on_recovery == "skip":
+                self.skip_failed_instance(instance.name)
+                skipped.append(instance.name)
+            else:
+                self.replay_failed_instance(instance.name, replacements.get(instance.task_name))
+                replayed.append(instance.name)
+        return {"recovered": recovered, "replayed": replayed, "skipped": skipped}
 
     # ------------------------------------------------------------------
     # Hooks.
@@ -580,6 +609,16 @@ class TriggerManager:
             f"Expected a task instance or its name, got {type(task_instance).__name__} "
             f"{task_instance!r}"
         )
+
+
+def _recover_after() -> float:
+    from django.conf import settings
+
+    if settings.configured:
+        from triggers.conf import triggers_settings
+
+        return float(triggers_settings.RECOVER_AFTER)
+    return 300.0
 
 
 def _qualname(cls: type) -> str:

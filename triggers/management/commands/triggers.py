@@ -72,7 +72,7 @@ class Command(BaseCommand):
         recover = sub.add_parser("recover", help="re-dispatch instances stuck in scheduled/running")
         recover.add_argument("uids", nargs="*", metavar="uid")
         recover.add_argument("--all", action="store_true",
-                             help="every session of the cache (Redis caches only)")
+                             help="every session of the storage: the database, or a Redis cache")
         recover.add_argument("--older-than", type=float,
                              help="seconds an instance must have been stuck "
                                   "(default: TRIGGERS['RECOVER_AFTER'])")
@@ -92,8 +92,7 @@ class Command(BaseCommand):
         from triggers.conf import triggers_settings
 
         storage = options["storage"] or triggers_settings.STORAGE
-        storage_options = triggers_settings.storage_options() if (
-            storage == triggers_settings.STORAGE) else {}
+        storage_options = triggers_settings.storage_options(storage)
         if storage == "cache":
             if options["cache"]:
                 storage_options["cache"] = options["cache"]
