@@ -267,9 +267,10 @@ class TriggerManager:
         self.storage.on_commit(lambda: self._dispatch(stuck))
         return stuck
 
-    def recovery_run(self, older_than: float = 0.0,
-                     replacement_kwargs: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None
-                     ) -> dict[str, list[str]]:
+    def recovery_run(
+        self, older_than: float = 0.0,
+        replacement_kwargs: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
+    ) -> dict[str, list[str]]:
         """Rerun what a run left undone; keep what finished (Eventor's recovery run).
 
         Stuck ``scheduled`` / ``running`` instances (older than ``older_than``
