@@ -228,8 +228,9 @@ class TriggerManager:
 
         An instance is stuck when it has been ``scheduled`` (its message was lost,
         or the broker was down) or ``running`` (its worker died) for at least
-        ``older_than`` seconds (default: ``TRIGGERS['RECOVER_AFTER']``, 300). A running one goes back to ``scheduled`` first:
-        its old run can no longer record an outcome. Exactly-once start still
+        ``older_than`` seconds (default: ``TRIGGERS['RECOVER_AFTER']``, 300). A
+        running one goes back to ``scheduled`` first: its old run can no longer
+        record an outcome. Exactly-once start still
         holds for every dispatch; choose ``older_than`` above your longest task,
         since a run that is merely slow would otherwise be started again.
         """
