@@ -11,4 +11,5 @@ class TriggersConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from triggers import checks, tasks  # noqa: F401 - registers the checks and built-in tasks
+        # Registers the system checks and the built-in tasks (triggers.noop, triggers.flow.step).
+        from triggers import checks, flow, tasks  # noqa: F401

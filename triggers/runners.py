@@ -213,10 +213,12 @@ def _seconds_to_wait(task_instance: TaskInstance) -> float:
 
 def _close_thread_connections() -> None:
     """Close the database connections this runner thread opened (if Django has any)."""
-    try:
-        from django.db import connections
-    except ImportError:  # pragma: no cover - Django is a dependency
+    from django.conf import settings
+
+    if not settings.configured:
         return
+    from django.db import connections
+
     connections.close_all()
 
 
