@@ -111,3 +111,14 @@ def test_readme_demo_runs_standalone_without_redis(tmp_path):
                  "t_markComplete#0"):
         assert f"{task}" in result.stdout
     assert ROOT.exists()
+
+
+def test_recovery_run_command(failed_session):
+    """recover --rerun-failed replays failed instances and keeps finished ones."""
+    uid = failed_session.storage.uid
+    text = run("recover", uid, "--rerun-failed", "--older-than", "0")
+    assert f"{uid}: replayed t_fail#0" in text
+    ThreadingTaskRunner.join_all()
+    storage = failed_session.storage
+    assert storage["t_fail#0"].status.value == "replayed"
+    assert storage["t_fail#1"].status.value == "failed"  # same kwargs: fails again

@@ -251,3 +251,15 @@ def test_recovery_run_reruns_failures_and_keeps_finished(manager):
     assert status(manager, "t_bad#1") == "finished"
     assert status(manager, "t_skip#0") == "skipped"
     assert status(manager, "t_after#0") == "finished"
+
+
+def test_refused_cascade_fails_the_instance(manager):
+    """If a finished task's cascade is refused (an outcome loop), the instance ends failed."""
+    manager.update_configuration({
+        "t": {"after": ["go"], "run": "tests.Echo"},
+        "t_loop": {"after": ["x"], "andEvery": "t", "run": "tests.Echo", "onReady": ["t"]},
+    })
+    run(manager, ("x", {}), ("go", {}))
+    instance = manager.storage["t#0"]
+    assert instance.status.value == "failed"
+    assert instance.metadata["exc_type"] == "triggers.exceptions.InvalidTrigger"

@@ -277,3 +277,17 @@ def test_recovery_across_processes_with_a_sqlite_store(tmp_path):
 
     assert run("restart", "fail") == "failed s1,s2"
     assert run("recover", "fixed") == "ok s2,s3"
+
+
+def test_step_config_stop_on_exception_overrides_the_flow():
+    """A step's own stop_on_exception=False lets the run go on after its failure."""
+    rec = Recorder()
+    ev = evr.Flow(name=unique(), store=":memory:", config={"stop_on_exception": True})
+    go, after = ev.add_event("go"), ev.add_event("after")
+    ev.add_assoc(go, ev.add_step("bad", rec.prog, kwargs={"progname": "bad", "fail": True},
+                                 triggers={evr.StepTriggers.at_complete: (after,)},
+                                 config={"stop_on_exception": False}))
+    ev.add_assoc(after, ev.add_step("next", rec.prog, kwargs={"progname": "next"}))
+    ev.trigger_event(go)
+    assert ev() is False
+    assert rec.calls == ["bad", "next"]

@@ -357,14 +357,22 @@ class Flow:
                 if running:
                     done, running = _wait(running, self.sleep_between_loops)
                     for future in done:
-                        if future.result() and self.stop_on_exception and not stopped:
+                        failed_step = future.result()
+                        if failed_step and not stopped and self._stops(failed_step):
                             stopped = True
-                            logger.info("Stopping %s: a step failed without a failure handler",
-                                        self.name)
+                            logger.info("Stopping %s: step %s failed without a failure handler",
+                                        self.name, failed_step)
                 else:
                     time.sleep(self.sleep_between_loops)
         logger.info("Processing finished")
         return self.failures_handled()
+
+    def _stops(self, step_name: str) -> bool:
+        """Whether an unhandled failure of this step stops the run (step config first)."""
+        step = self.steps.get(step_name)
+        if step is not None and "stop_on_exception" in step.config:
+            return bool(step.config["stop_on_exception"])
+        return self.stop_on_exception
 
     def failures_handled(self) -> bool:
         """Whether every failed step of this run's sequences has a failure handler."""
@@ -397,8 +405,8 @@ def _wait(running: set[Future[Any]], timeout: float) -> tuple[set[Future[Any]], 
     return set(done), set(pending)
 
 
-def _execute(item: tuple[Any, ...]) -> bool:
-    """Run one handed-over instance; True if it ended failed without a handler."""
+def _execute(item: tuple[Any, ...]) -> str | None:
+    """Run one handed-over instance; its task's name if it failed without a handler."""
     from celery import current_app
 
     from triggers.runners import _close_thread_connections
@@ -410,7 +418,9 @@ def _execute(item: tuple[Any, ...]) -> bool:
         assert isinstance(task, TriggerTask)
         task.execute_in_thread(manager, name)
         instance = manager.storage[name]
-        return instance.status.value == "failed" and not _handled(instance)
+        if instance.status.value == "failed" and not _handled(instance):
+            return str(instance.task_name)
+        return None
     finally:
         _close_thread_connections()
 

@@ -29,6 +29,7 @@ from triggers.exceptions import (
     InvalidTaskKwargs,
     InvalidTaskResult,
     MaxRetriesExceeded,
+    TriggersError,
     with_context,
 )
 from triggers.logging import LevelTracker, LoggerContext
@@ -207,7 +208,15 @@ class TriggerTask(Task):  # type: ignore[type-arg]
                          type(exc).__name__, exc, exc_info=True)
             manager._fail_instance(instance, exc, max(context.log_level, logging.ERROR))
             return None
-        manager._finish_instance(instance, cascade, context.log_level)
+        try:
+            manager._finish_instance(instance, cascade, context.log_level)
+        except TriggersError as exc:
+            # The cascade itself was refused (e.g. outcome triggers that loop): the
+            # instance must not stay running.
+            logger.error("Could not finish %s of session %r: %s", instance_name,
+                         manager.storage.uid, exc)
+            manager._fail_instance(instance, exc, max(context.log_level, logging.ERROR))
+            return None
         return cascade
 
     def _run(self, context: TaskContext) -> Mapping[str, Any] | None:

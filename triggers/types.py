@@ -9,6 +9,8 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "CONDITION_ALL",
+    "CONDITION_ANY",
     "INSTANCE_SEPARATOR",
     "OPEN_STATUSES",
     "RESOLVED_STATUSES",
@@ -23,6 +25,8 @@ __all__ = [
     "TaskConfig",
     "TaskInstance",
     "TaskStatus",
+    "condition_met",
+    "condition_names",
 ]
 
 #: Separates a task's name from an instance's number: ``t_importSubject#0``.

@@ -73,6 +73,9 @@ class Command(BaseCommand):
         recover.add_argument("uids", nargs="*", metavar="uid")
         recover.add_argument("--all", action="store_true",
                              help="every session of the storage: the database, or a Redis cache")
+        recover.add_argument("--rerun-failed", action="store_true",
+                             help="a recovery run: also replay failed instances (or skip them, "
+                                  "for tasks with onRecovery 'skip'); finished ones stay")
         recover.add_argument("--older-than", type=float,
                              help="seconds an instance must have been stuck "
                                   "(default: TRIGGERS['RECOVER_AFTER'])")
@@ -168,7 +171,15 @@ class Command(BaseCommand):
         total, failures = 0, []
         for uid in uids:
             try:
-                recovered = self.manager(uid, options).recover(older_than)
+                manager = self.manager(uid, options)
+                if options["rerun_failed"]:
+                    report = manager.recovery_run(older_than)
+                    for key in ("recovered", "replayed", "skipped"):
+                        for name in report[key]:
+                            self.stdout.write(f"{uid}: {key} {name}")
+                    total += sum(len(names) for names in report.values())
+                    continue
+                recovered = manager.recover(older_than)
             except TriggersError as exc:
                 failures.append(uid)
                 self.stderr.write(f"{uid}: not recovered: {exc}")
