@@ -122,3 +122,18 @@ def test_recovery_run_command(failed_session):
     storage = failed_session.storage
     assert storage["t_fail#0"].status.value == "replayed"
     assert storage["t_fail#1"].status.value == "failed"  # same kwargs: fails again
+
+
+def test_demo_with_celery_starts_and_stops_its_worker(tmp_path):
+    """`python -m triggers.demo --celery` runs the flow on Redis with a real worker it stops."""
+    import os
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "triggers.demo", "--celery"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Celery worker started (pid" in result.stdout
+    assert "CacheStorageBackend (Celery worker)" in result.stdout
+    assert "t_importSubject#0 scheduled (celery)" in result.stdout
+    assert "Session finalized: yes; unresolved tasks: none" in result.stdout
+    assert "Celery worker stopped (pid" in result.stdout
