@@ -926,9 +926,9 @@ def test_task_control_flow_rejects_bad_arguments():
     from celery import current_app
 
     task = current_app.tasks["tests.Retry"]
-    with pytest.raises(InvalidArgument, match=r"metadata must be a mapping, got str"):
+    with pytest.raises(InvalidArgument, match=r"metadata must be a mapping \(or None\), got str"):
         task.skip(metadata="done")
-    with pytest.raises(InvalidArgument, match=r"metadata must be a mapping, got list"):
+    with pytest.raises(InvalidArgument, match=r"metadata must be a mapping \(or None\), got list"):
         task.retry(metadata=["x"])
     with pytest.raises(InvalidArgument, match=r"replacement_kwargs must map trigger names"):
         task.retry(replacement_kwargs=["go"])

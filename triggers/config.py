@@ -25,8 +25,10 @@ from triggers.types import (
 )
 
 __all__ = [
+    "RESERVED_METADATA",
     "check_kwargs",
     "check_kwargs_map",
+    "check_metadata",
     "check_status",
     "json_copy",
     "validate_configuration",
@@ -114,6 +116,23 @@ def check_kwargs(value: Any, what: str, error: type[Exception] = InvalidArgument
         raise error(f"{what} must have string keys, got {bad!r}")
     copied: dict[str, Any] = json_copy(dict(value), what, error)
     return copied
+
+
+#: Metadata keys the engine computes and relies on; public calls may not set them.
+RESERVED_METADATA = frozenset({
+    "attempts", "cooldown", "created", "delay", "depth", "log_level", "modified", "recoveries",
+    "run", "runner", "scheduled", "start_after", "started",
+})
+
+
+def check_metadata(value: Any, what: str = "metadata") -> dict[str, Any]:
+    """User metadata: like kwargs, and without the keys the engine relies on."""
+    metadata = check_kwargs(value, what)
+    reserved = sorted(RESERVED_METADATA & set(metadata))
+    if reserved:
+        raise InvalidArgument(
+            f"{what} may not set {', '.join(reserved)}: triggers maintains these keys itself")
+    return metadata
 
 
 def check_kwargs_map(value: Any, what: str) -> dict[str, dict[str, Any]]:

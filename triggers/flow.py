@@ -213,7 +213,7 @@ class FlowStep(TriggerTask):
         value = step.func(*step.args, **step.kwargs)
         logger.info("Step completed %s, result %r", context.task_instance.name, value)
         try:
-            json.dumps(value)
+            json.dumps(value, allow_nan=False)
         except (TypeError, ValueError):
             value = repr(value)
         return {"result": value}
@@ -229,6 +229,8 @@ class Flow:
                  config: Mapping[str, Any] | None = None) -> None:
         caller = inspect.stack()[1].filename
         self.name = name or os.path.splitext(os.path.basename(caller))[0]
+        if ":" in self.name:
+            raise InvalidArgument(f"A flow name may not contain ':', got {self.name!r}")
         self.store = store or os.path.splitext(caller)[0] + ".db"
         self.run_mode = RunMode(run_mode)
         self.recovery_run = recovery_run
@@ -239,7 +241,7 @@ class Flow:
         logging.getLogger(__name__).setLevel(logging_level)
         self.events: dict[str, Event] = {}
         self.steps: dict[str, Step] = {}
-        self._sequences: list[str] = []
+        self._sequences: dict[str, str] = {}  # session UID -> sequence
         self._configured: set[str] = set()
         self._storage_key, self._storage_options = _storage_for(self.store)
         with _registry_guard:
@@ -316,9 +318,12 @@ class Flow:
         manager: TriggerManager = build_manager("default", self._storage_key, uid,
                                                 self._storage_options)
         if uid not in self._configured:
+            if self.run_mode == RunMode.restart:
+                # A restart is a new run: forget what an earlier run left in the store.
+                manager.storage.delete()
             manager.update_configuration(self.configuration())
             self._configured.add(uid)
-            self._sequences.append(uid)
+            self._sequences[uid] = str(sequence)
         return manager
 
     def trigger_event(self, event: Event | str, sequence: Any = None) -> None:
@@ -376,8 +381,8 @@ class Flow:
 
     def failures_handled(self) -> bool:
         """Whether every failed step of this run's sequences has a failure handler."""
-        for uid in self._sequences:
-            manager = self.manager(uid.split(":", 1)[1])
+        for sequence in list(self._sequences.values()):
+            manager = self.manager(sequence)
             for instance in manager.get_unresolved_instances():
                 if instance.status.value == "failed" and not _handled(instance):
                     return False
@@ -390,8 +395,7 @@ class Flow:
             manager = build_manager("default", self._storage_key, uid, self._storage_options)
             manager.update_configuration(self.configuration())
             self._configured.add(uid)
-            if uid not in self._sequences:
-                self._sequences.append(uid)
+            self._sequences.setdefault(uid, uid.partition(":")[2])
             report = manager.recovery_run(older_than=0)
             logger.info("Recovering %s: %s", uid, report)
 

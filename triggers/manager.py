@@ -13,6 +13,7 @@ from triggers import runners
 from triggers.config import (
     check_kwargs,
     check_kwargs_map,
+    check_metadata,
     check_status,
     validate_configuration,
     validate_trigger_name,
@@ -60,8 +61,8 @@ Kwargs = dict[str, Any]
 #: The triggers applied in one step, in order, each with the instances it scheduled.
 Fired = list[tuple[str, list[TaskInstance]]]
 
-#: Triggers one step may apply (the fired one, cascades and outcome triggers).
-MAX_TRIGGERS_PER_STEP = 100
+#: How deep outcome triggers (onReady …) may nest within one step before it is a loop.
+MAX_OUTCOME_DEPTH = 50
 
 class TriggerManager:
     """Controls one session through its storage backend.
@@ -126,6 +127,30 @@ class TriggerManager:
         self._after_step(fired)
         return fired[0][1]
 
+    def fire_once(self, trigger_name: str, trigger_kwargs: Mapping[str, Any] | None = None
+                  ) -> list[TaskInstance] | None:
+        """Fire a trigger unless it has fired in this session before (atomically).
+
+        Returns the instances it scheduled, or ``None`` if the trigger had fired
+        already. However many processes call it at once, it fires once.
+        """
+        problem = validate_trigger_name(trigger_name)
+        if problem:
+            raise InvalidTrigger(f"Cannot fire in session {self.storage.uid!r}: {problem}")
+        kwargs = check_kwargs(trigger_kwargs, f"trigger_kwargs of {trigger_name!r}", InvalidTrigger)
+
+        def apply(step: SessionStep) -> Fired | None:
+            if trigger_name in step.latest_kwargs:
+                return None
+            self._apply_trigger(step, trigger_name, kwargs)
+            return step.fired
+
+        fired = self.storage.transact(apply)
+        if fired is None:
+            return None
+        self._after_step(fired)
+        return fired[0][1]
+
     def replay_failed_instance(self, failed_instance: TaskInstance | str,
                                replacement_kwargs: Mapping[str, Mapping[str, Any]] | None = None
                                ) -> TaskInstance:
@@ -182,7 +207,7 @@ class TriggerManager:
         """
         name = self._instance_name(task_instance)
         new_status = check_status(status)
-        meta = check_kwargs(metadata, "metadata")
+        meta = check_metadata(metadata)
         cascade_args = check_kwargs(cascade_kwargs, "cascade_kwargs")
         def update(step: SessionStep) -> tuple[TaskInstance, Fired]:
             instance = step.instance(name)
@@ -202,7 +227,8 @@ class TriggerManager:
         name = self._instance_name(task_instance)
         if metadata is None:
             raise InvalidArgument("metadata must be a mapping, got None")
-        meta = check_kwargs(metadata, "metadata")
+        meta = check_metadata(metadata)
+
         def update(step: SessionStep) -> TaskInstance:
             instance = step.instance(name)
             instance.metadata.update(meta)
@@ -245,8 +271,8 @@ class TriggerManager:
             for instance in list(step.state.open.values()):
                 if instance.status == STATUS_SCHEDULED:
                     # One waiting out its delay or cooldown is not stuck until that ends.
-                    since = float(instance.start_after or instance.metadata.get(
-                        "scheduled", instance.metadata.get("modified", 0)))
+                    since = max(float(instance.start_after or 0), float(instance.metadata.get(
+                        "scheduled", instance.metadata.get("modified", 0))))
                 elif instance.status == STATUS_RUNNING:
                     since = instance.metadata.get("started", instance.metadata.get("modified", 0))
                 else:
@@ -255,6 +281,7 @@ class TriggerManager:
                     continue
                 previous = instance.status.value
                 instance.metadata.pop("run", None)
+                instance.metadata.pop("start_after", None)  # due now
                 instance.set_status(STATUS_SCHEDULED, scheduled=now(), recovered_from=previous,
                                     recoveries=int(instance.metadata.get("recoveries", 0)) + 1)
                 step.save(instance)
@@ -449,17 +476,17 @@ class TriggerManager:
     # Internals.
     # ------------------------------------------------------------------
 
-    def _apply_trigger(self, step: SessionStep, trigger_name: str, kwargs: Kwargs
-                       ) -> list[TaskInstance]:
+    def _apply_trigger(self, step: SessionStep, trigger_name: str, kwargs: Kwargs,
+                       depth: int = 0) -> list[TaskInstance]:
         """Record a trigger and update every task that reacts to it; returns what it scheduled.
 
         The step's ``fired`` log gets the trigger and what it scheduled, followed by
         the ``onReady`` triggers of those instances (applied in the same step).
         """
-        if len(step.fired) >= MAX_TRIGGERS_PER_STEP:
+        if depth >= MAX_OUTCOME_DEPTH:
             raise InvalidTrigger(
-                f"More than {MAX_TRIGGERS_PER_STEP} triggers in one step of session "
-                f"{self.storage.uid!r} (last: {trigger_name!r}): outcome triggers "
+                f"Outcome triggers nest more than {MAX_OUTCOME_DEPTH} deep in one step of "
+                f"session {self.storage.uid!r} (last: {trigger_name!r}): outcome triggers "
                 "(onReady, onStart …) form a loop. Nothing was changed.",
                 session_uid=self.storage.uid,
             )
@@ -492,13 +519,14 @@ class TriggerManager:
             self._schedule(step, instance)
         step.fired.append((trigger_name, scheduled))
         for instance in scheduled:
-            self._fire_outcome(step, instance, DIRECTIVE_ON_READY, {"instance": instance.name})
+            self._fire_outcome(step, instance, DIRECTIVE_ON_READY, {"instance": instance.name},
+                               depth + 1)
         return scheduled
 
     def _fire_outcome(self, step: SessionStep, instance: TaskInstance, directive: str,
-                      kwargs: Kwargs) -> None:
+                      kwargs: Kwargs, depth: int = 0) -> None:
         for trigger_name in instance.config.outcome_triggers(directive):
-            self._apply_trigger(step, trigger_name, kwargs)
+            self._apply_trigger(step, trigger_name, kwargs, depth)
 
     def _abandon(self, step: SessionStep, config: TaskConfig, trigger_name: str) -> None:
         if step.count(config.name) == 0:
@@ -629,8 +657,11 @@ def _qualname(cls: type) -> str:
 
 
 def _json_copy_lenient(value: Mapping[str, Any]) -> Any:
-    """Exception context as JSON; values that are not JSON become their repr()."""
-    return json.loads(json.dumps(dict(value), default=repr))
+    """Exception context as JSON; what JSON cannot hold (objects, NaN, …) becomes its repr()."""
+    try:
+        return json.loads(json.dumps(dict(value), default=repr, allow_nan=False))
+    except (TypeError, ValueError):
+        return {str(key): repr(item) for key, item in value.items()}
 
 
 def _check_task(run: str) -> str | None:
@@ -665,9 +696,10 @@ class FinalizingTriggerManager(TriggerManager):
         if self.TRIGGER_SESSION_FINALIZED in self.storage.latest_kwargs:
             return
         for config in self.get_unresolved_tasks():
-            if self.TRIGGER_SESSION_FINALIZED not in config.after:
+            if self.TRIGGER_SESSION_FINALIZED not in config.after_names:
                 return
-        self.fire(self.TRIGGER_SESSION_FINALIZED)
+        # Two processes may get here at once; only one of them fires.
+        self.fire_once(self.TRIGGER_SESSION_FINALIZED)
 
 
 #: Registry of trigger managers: ``trigger_managers.get('default', storage)``.

@@ -121,17 +121,13 @@ class CeleryTaskRunner(BaseTaskRunner):
     name = "celery"
 
     def run(self, manager: TriggerManager, task_instance: TaskInstance) -> None:
-        from celery import current_app
-
-        name = task_instance.config.run
+        # resolve() checks that the name is a registered TriggerTask: a configuration
+        # must not be able to send a message to any other task.
+        task = self.resolve(task_instance.config.run)
         message = manager.build_task_message(task_instance)
         wait = _seconds_to_wait(task_instance)
         options: dict[str, Any] = {"countdown": wait} if wait > 0 else {}
-        if find_task(name) is None:
-            # Worker-only task modules need not be importable here: send by name.
-            current_app.send_task(name, kwargs=message, **options)
-        else:
-            self.resolve(name).apply_async(kwargs=message, **options)
+        task.apply_async(kwargs=message, **options)
 
 
 class ThreadingTaskRunner(BaseTaskRunner):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery import _state as celery_state
 
-from triggers.config import check_kwargs_map
+from triggers.config import check_kwargs_map, check_metadata
 from triggers.exceptions import (
     InvalidArgument,
     InvalidTaskKwargs,
@@ -249,19 +249,11 @@ class TriggerTask(Task):  # type: ignore[type-arg]
         replacement = None
         if replacement_kwargs is not None:
             replacement = check_kwargs_map(replacement_kwargs, "replacement_kwargs")
-        return RetryInstance(exc, cooldown, replacement, _plain_mapping(metadata, "metadata"))
+        return RetryInstance(exc, cooldown, replacement, check_metadata(metadata))
 
     def skip(self, metadata: Mapping[str, Any] | None = None) -> Exception:
         """Return the exception to raise to mark this instance skipped (``raise self.skip()``)."""
-        return SkipInstance(_plain_mapping(metadata, "metadata"))
-
-
-def _plain_mapping(value: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidArgument(f"{what} must be a mapping, got {type(value).__name__}")
-    return dict(value)
+        return SkipInstance(check_metadata(metadata))
 
 
 def _merged_kwargs(instance: TaskInstance) -> dict[str, dict[str, Any]]:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar, TypeVar
 
-from triggers.config import check_kwargs, check_kwargs_map, check_status, validate_configuration
+from triggers.config import check_kwargs_map, check_metadata, check_status, validate_configuration
 from triggers.exceptions import (
     ConfigurationError,
     CorruptSessionState,
@@ -481,6 +481,10 @@ class BaseTriggerStorage:
         """Persist the whole session: typically ``store(self.uid, self.serialize())``."""
         raise NotImplementedError(f"{type(self).__name__} must implement _save()")
 
+    def delete(self) -> None:
+        """Remove everything this session stored (bundled backends implement it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete sessions")
+
     def serialize(self) -> dict[str, Any]:
         """The whole session (as last loaded or saved) as JSON-ready data."""
         return {
@@ -614,7 +618,7 @@ class BaseTriggerStorage:
             )
         status = check_status(kwargs.get("status", STATUS_UNSTARTED))
         trigger_kwargs = check_kwargs_map(kwargs.get("kwargs") or {}, "kwargs")
-        metadata = check_kwargs(kwargs.get("metadata"), "metadata")
+        metadata = check_metadata(kwargs.get("metadata"))
         return self.transact(lambda step: step.new_instance(
             self._resolve_config(step, task_config), trigger_kwargs, status, metadata))
 

@@ -62,6 +62,16 @@ _DONE, _CONFLICT, _LOCKED = object(), object(), object()
 _CONFLICTS_BEFORE_LOCKING = 8
 
 
+def _reply(connection: Any) -> Any:
+    """Read one reply; an error reply is returned (as the exception), not raised."""
+    from redis.exceptions import ResponseError
+
+    try:
+        return connection.read_response()
+    except ResponseError as exc:
+        return exc
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
@@ -179,7 +189,20 @@ class CacheStorageBackend(BaseTriggerStorage):
 
     def _read_state(self) -> SessionState:
         key = self._state_key()
-        (raw,) = self._get_raw([key])
+        if self._redis is not None:
+            from redis.exceptions import ResponseError
+
+            try:
+                raw = self._redis.get(key)
+            except ResponseError as exc:
+                raise CorruptSessionState(
+                    f"Stored state of session {self.uid!r} is corrupt: {key} holds a value of "
+                    f"another type ({exc}). Nothing was executed.", session_uid=self.uid,
+                ) from exc
+            except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
+                raise self._redis_failed(exc) from exc
+        else:
+            (raw,) = self._get_raw([key])
         if raw is None:
             return SessionState()
         return SessionState.from_json(self._decode(raw, key), self.uid, key)
@@ -212,9 +235,10 @@ class CacheStorageBackend(BaseTriggerStorage):
         """The Redis commands that persist one step's changes (run inside MULTI/EXEC)."""
         state_value = dumps(changes.state.to_json())
         done = self._done_key()
+        expire = self._expire_for(changes)
         commands: list[tuple[Any, ...]] = [
             ("SET", self._state_key(), state_value)
-            + (("EX", self.timeout) if self.timeout is not None else ()),
+            + (("EX", expire) if expire is not None else ()),
         ]
         if changes.resolved:
             fields: list[Any] = []
@@ -223,9 +247,19 @@ class CacheStorageBackend(BaseTriggerStorage):
             commands.append(("HSET", done, *fields))
         if changes.unresolved:
             commands.append(("HDEL", done, *changes.unresolved))
-        if self.timeout is not None:
-            commands.append(("EXPIRE", done, self.timeout))
+        if expire is not None:
+            commands.append(("EXPIRE", done, expire))
         return commands
+
+    def _expire_for(self, changes: StateChanges) -> int | None:
+        """The keys' time to live: ``timeout``, stretched to outlive any pending delay."""
+        if self.timeout is None:
+            return None
+        waits = [instance.start_after for instance in changes.state.open.values()
+                 if instance.start_after is not None]
+        if not waits:
+            return self.timeout
+        return max(self.timeout, int(max(waits) - time.time()) + 60)
 
     def _write_state(self, changes: StateChanges) -> None:
         try:
@@ -238,7 +272,16 @@ class CacheStorageBackend(BaseTriggerStorage):
                 values = {self._state_key(): dumps(changes.state.to_json())}
                 values.update({self._instance_key(name): dumps(instance.to_dict())
                                for name, instance in changes.resolved.items()})
-                self.cache.set_many(values, timeout=self.timeout)
+                expire = self._expire_for(changes)
+                # Instances first: a state that names them must not outlive them.
+                state_key = self._state_key()
+                state_value = values.pop(state_key)
+                failed = list(self.cache.set_many(values, timeout=expire) or []) if values else []
+                if not failed:
+                    failed = list(self.cache.set_many({state_key: state_value}, timeout=expire)
+                                  or [])
+                if failed:
+                    raise StorageError(f"the cache did not store {', '.join(failed)}")
                 if changes.unresolved:
                     self.cache.delete_many([self._instance_key(n) for n in changes.unresolved])
         except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
@@ -308,13 +351,21 @@ class CacheStorageBackend(BaseTriggerStorage):
         try:
             try:
                 connection.send_packed_command(connection.pack_commands([
-                    ("WATCH", state_key, done_key, lock_key), ("MGET", state_key, lock_key),
+                    ("WATCH", state_key, done_key, lock_key), ("GET", state_key),
+                    ("TYPE", done_key), ("GET", lock_key),
                 ]))
-                connection.read_response()
-                raw, owner = connection.read_response()
+                replies = [_reply(connection) for _ in range(4)]
             except Exception as exc:  # noqa: BLE001
                 connection.disconnect()
                 raise self._redis_failed(exc) from exc
+            _, raw, done_type, owner = replies
+            if isinstance(raw, Exception) or _text(done_type) not in ("hash", "none"):
+                self._unwatch(connection)
+                found = raw if isinstance(raw, Exception) else _text(done_type)
+                raise CorruptSessionState(
+                    f"Stored state of session {self.uid!r} is corrupt: {state_key} or "
+                    f"{done_key} holds a value of another type ({found}). Nothing was executed.",
+                    session_uid=self.uid)
             if owner is not None and _text(owner) != own_lock_id:
                 self._unwatch(connection)
                 return _LOCKED, None
@@ -323,22 +374,32 @@ class CacheStorageBackend(BaseTriggerStorage):
                     self._decode(raw, state_key), self.uid, state_key)
                 step = SessionStep(self, state)
                 result = step_function(step)
+                if not step.changed:
+                    self._unwatch(connection)
+                    return _DONE, result
+                commands = [("MULTI",), *self._write_commands(step.changes()), ("EXEC",)]
             except BaseException:
                 self._unwatch(connection)
                 raise
-            if not step.changed:
-                self._unwatch(connection)
-                return _DONE, result
-            commands = [("MULTI",), *self._write_commands(step.changes()), ("EXEC",)]
             try:
-                connection.send_packed_command(connection.pack_commands(commands))
+                # No health check here: a silent reconnect would drop the WATCH.
+                connection.send_packed_command(connection.pack_commands(commands),
+                                               check_health=False)
                 for _ in commands[:-1]:
                     connection.read_response()
                 executed = connection.read_response()
             except Exception as exc:  # noqa: BLE001
                 connection.disconnect()
-                raise self._redis_failed(exc, " The step was not applied.") from exc
-            return (_CONFLICT, None) if executed is None else (_DONE, result)
+                raise self._redis_failed(
+                    exc, " The step may or may not have been applied.") from exc
+            if executed is None:
+                return _CONFLICT, None
+            errors = [reply for reply in executed if isinstance(reply, Exception)]
+            if errors:
+                raise StorageError(
+                    f"Redis refused part of a step of session {self.uid!r}: {errors[0]}. "
+                    "Inspect the session; it may be partly updated.", session_uid=self.uid)
+            return _DONE, result
         finally:
             pool.release(connection)
 
