@@ -51,7 +51,10 @@ class TriggerInstance(models.Model):
             models.UniqueConstraint(fields=["session", "name"], name="triggers_instance_unique"),
         ]
         indexes = [
-            models.Index(fields=["session", "resolved"], name="triggers_instance_open"),
+            # Only the open instances of a session are read on the hot path: a partial
+            # index holds just those, so the read does not grow with the history.
+            models.Index(fields=["session"], condition=models.Q(resolved=False),
+                         name="triggers_instance_open"),
             models.Index(fields=["status"], name="triggers_instance_status"),
         ]
 

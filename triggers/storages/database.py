@@ -146,7 +146,7 @@ class DatabaseStorageBackend(BaseTriggerStorage):
             if not data:
                 return SessionState()
             open_rows = list(instance_model.objects.using(self.using)
-                             .filter(session_id=self.uid, resolved=False)
+                             .filter(session_id=self.uid, resolved=False).order_by()
                              .values_list("name", "status", "kwargs", "metadata"))
         except DatabaseError as exc:
             raise self._failed(exc, "reading") from exc
@@ -166,7 +166,7 @@ class DatabaseStorageBackend(BaseTriggerStorage):
             return {}
         try:
             rows = list(instance_model.objects.using(self.using)
-                        .filter(session_id=self.uid, name__in=names)
+                        .filter(session_id=self.uid, name__in=names).order_by()
                         .values_list("name", "status", "kwargs", "metadata"))
         except DatabaseError as exc:
             raise self._failed(exc, "reading") from exc
