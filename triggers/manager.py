@@ -6,7 +6,7 @@ import json
 import logging
 import secrets
 import traceback as traceback_module
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from triggers import runners
@@ -115,10 +115,7 @@ class TriggerManager:
     def fire(self, trigger_name: str, trigger_kwargs: Mapping[str, Any] | None = None
              ) -> list[TaskInstance]:
         """Fire a trigger; returns the instances it scheduled."""
-        problem = validate_trigger_name(trigger_name)
-        if problem:
-            raise InvalidTrigger(f"Cannot fire in session {self.storage.uid!r}: {problem}")
-        kwargs = check_kwargs(trigger_kwargs, f"trigger_kwargs of {trigger_name!r}", InvalidTrigger)
+        kwargs = self._check_trigger(trigger_name, trigger_kwargs)
         def apply(step: SessionStep) -> Fired:
             self._apply_trigger(step, trigger_name, kwargs)
             return step.fired
@@ -134,10 +131,7 @@ class TriggerManager:
         Returns the instances it scheduled, or ``None`` if the trigger had fired
         already. However many processes call it at once, it fires once.
         """
-        problem = validate_trigger_name(trigger_name)
-        if problem:
-            raise InvalidTrigger(f"Cannot fire in session {self.storage.uid!r}: {problem}")
-        kwargs = check_kwargs(trigger_kwargs, f"trigger_kwargs of {trigger_name!r}", InvalidTrigger)
+        kwargs = self._check_trigger(trigger_name, trigger_kwargs)
 
         def apply(step: SessionStep) -> Fired | None:
             if trigger_name in step.latest_kwargs:
@@ -391,23 +385,15 @@ class TriggerManager:
     def _finish_instance(self, started: TaskInstance, result: Kwargs, log_level: int) -> None:
         """``running`` → ``finished`` and the cascade, in one atomic step."""
 
-        def finish(step: SessionStep) -> Fired | None:
-            instance = self._running(step, started)
-            if instance is None:
-                return None
+        def finish(step: SessionStep, instance: TaskInstance) -> None:
             instance.set_status(STATUS_FINISHED, result=result, finished=now(),
                                 log_level=max(log_level, instance.log_level))
             step.save(instance)
             self._apply_trigger(step, instance.task_name, result)
             for directive in (DIRECTIVE_ON_SUCCESS, DIRECTIVE_ON_COMPLETE):
                 self._fire_outcome(step, instance, directive, result)
-            return step.fired
 
-        fired = self.storage.transact(finish)
-        if fired is None:
-            self._log_stale_outcome(started)
-            return
-        self._after_step(fired)
+        self._record_run_outcome(started, finish)
 
     def _fail_instance(self, started: TaskInstance, exc: BaseException, log_level: int) -> None:
         context = getattr(exc, "context", None)
@@ -431,19 +417,28 @@ class TriggerManager:
                      log_level: int, outcome: Kwargs | None = None) -> None:
         """End a run as failed or skipped; a failure fires onFailure and onComplete."""
 
-        def end(step: SessionStep) -> Fired | None:
-            instance = self._running(step, started)
-            if instance is None:
-                return None
+        def end(step: SessionStep, instance: TaskInstance) -> None:
             instance.set_status(status, **{**metadata,
                                            "log_level": max(log_level, instance.log_level)})
             step.save(instance)
             if outcome is not None:
                 for directive in (DIRECTIVE_ON_FAILURE, DIRECTIVE_ON_COMPLETE):
                     self._fire_outcome(step, instance, directive, outcome)
+
+        self._record_run_outcome(started, end)
+
+    def _record_run_outcome(self, started: TaskInstance,
+                            apply: Callable[[SessionStep, TaskInstance], None]) -> None:
+        """Apply a run's outcome in one step, if the run is still current; then dispatch."""
+
+        def step_function(step: SessionStep) -> Fired | None:
+            instance = self._running(step, started)
+            if instance is None:
+                return None
+            apply(step, instance)
             return step.fired
 
-        fired = self.storage.transact(end)
+        fired = self.storage.transact(step_function)
         if fired is None:
             self._log_stale_outcome(started)
             return
@@ -629,6 +624,13 @@ class TriggerManager:
                 session_uid=self.storage.uid, instance_name=instance.name,
                 status=instance.status,
             )
+
+    def _check_trigger(self, trigger_name: Any, trigger_kwargs: Any) -> Kwargs:
+        """The kwargs to store for a trigger; InvalidTrigger for a bad name or kwargs."""
+        problem = validate_trigger_name(trigger_name)
+        if problem:
+            raise InvalidTrigger(f"Cannot fire in session {self.storage.uid!r}: {problem}")
+        return check_kwargs(trigger_kwargs, f"trigger_kwargs of {trigger_name!r}", InvalidTrigger)
 
     def _instance_name(self, task_instance: TaskInstance | str) -> str:
         if isinstance(task_instance, TaskInstance):

@@ -154,16 +154,6 @@ class SessionState:
             raise corrupt(f"{type(exc).__name__}: {exc}") from exc
         return state
 
-    def copy(self) -> SessionState:
-        return SessionState(
-            config_id=self.config_id,
-            tasks=dict(self.tasks),
-            latest_kwargs=dict(self.latest_kwargs),
-            counters=dict(self.counters),
-            open={name: instance.copy() for name, instance in self.open.items()},
-            metadata=dict(self.metadata),
-        )
-
 
 def instance_from_json(
     name: str, data: Any, tasks: Mapping[str, TaskConfig], session_uid: str, where: str
@@ -188,11 +178,10 @@ def instance_from_json(
 class StateChanges:
     """What one atomic step changed, handed to :meth:`BaseTriggerStorage._write_state`."""
 
-    __slots__ = ("dirty", "resolved", "state", "tasks_changed", "unresolved")
+    __slots__ = ("dirty", "resolved", "state", "unresolved")
 
     def __init__(self, state: SessionState, resolved: dict[str, TaskInstance],
-                 unresolved: set[str], tasks_changed: bool,
-                 dirty: dict[str, TaskInstance] | None = None) -> None:
+                 unresolved: set[str], dirty: dict[str, TaskInstance] | None = None) -> None:
         #: Every instance this step created or changed.
         self.dirty = dirty if dirty is not None else {}
         #: The new state (configuration, metadata, open instances).
@@ -201,7 +190,6 @@ class StateChanges:
         self.resolved = resolved
         #: Names that moved from the resolved store back to the open instances.
         self.unresolved = unresolved
-        self.tasks_changed = tasks_changed
 
 
 class SessionStep:
@@ -213,7 +201,6 @@ class SessionStep:
         self._resolved_loaded: dict[str, TaskInstance] = {}
         self._dirty: dict[str, TaskInstance] = {}
         self._changed = False
-        self._tasks_changed = False
         #: Triggers applied in this step, in order, with the instances each scheduled.
         self.fired: list[tuple[str, list[TaskInstance]]] = []
 
@@ -260,7 +247,7 @@ class SessionStep:
     def set_tasks(self, tasks: Mapping[str, TaskConfig]) -> None:
         self.state.tasks.update(tasks)
         self.state.config_id = secrets.token_hex(8)
-        self._changed = self._tasks_changed = True
+        self._changed = True
 
     def set_metadata(self, key: str, value: Any) -> None:
         self.state.metadata[key] = value
@@ -301,8 +288,7 @@ class SessionStep:
             n for n, i in self._dirty.items()
             if i.status not in RESOLVED_STATUSES and n in self._resolved_loaded
         }
-        return StateChanges(self.state, resolved, unresolved, self._tasks_changed,
-                            dict(self._dirty))
+        return StateChanges(self.state, resolved, unresolved, dict(self._dirty))
 
 
 class BaseTriggerStorage:
