@@ -122,18 +122,25 @@ def test_unless_needs_all_its_triggers(uid):
 
 
 def test_with_params_are_merged(uid):
-    """withParams are merged into the kwargs the task receives, per trigger."""
+    """withParams are deep-merged beneath the fired kwargs: fired values win."""
     manager = TriggerManager(make_storage("django_redis", uid))
     manager.update_configuration({"t_echo": {
         "after": ["a", "b"], "run": "tests.Echo",
-        "withParams": {"a": {"extra": 1, "x": "param"}, "c": {"only": "param"}},
+        "withParams": {"a": {"extra": 1, "x": "param", "deep": {"p": 1, "both": "param"},
+                             "items": [1, 2]},
+                       "c": {"only": "param"}},
     }})
-    fire_all(manager, [("a", {"x": "fired", "y": 2}), ("b", {"z": 3})])
+    fire_all(manager, [("a", {"x": "fired", "y": 2, "deep": {"f": 2, "both": "fired"},
+                              "items": [3]}),
+                       ("b", {"z": 3})])
     seen = manager.storage["t_echo#0"].metadata["result"]["seen"]
-    assert seen == {"a": {"x": "param", "y": 2, "extra": 1}, "b": {"z": 3},
-                    "c": {"only": "param"}}
+    assert seen == {"a": {"x": "fired", "y": 2, "extra": 1,
+                          "deep": {"p": 1, "f": 2, "both": "fired"}, "items": [3]},
+                    "b": {"z": 3}, "c": {"only": "param"}}
     # The stored kwargs are what was fired.
-    assert manager.storage["t_echo#0"].kwargs == {"a": {"x": "fired", "y": 2}, "b": {"z": 3}}
+    assert manager.storage["t_echo#0"].kwargs == {
+        "a": {"x": "fired", "y": 2, "deep": {"f": 2, "both": "fired"}, "items": [3]},
+        "b": {"z": 3}}
 
 
 def test_extras_are_kept(uid):

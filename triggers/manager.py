@@ -44,8 +44,6 @@ from triggers.types import (
     TaskConfig,
     TaskInstance,
     TaskStatus,
-    condition_met,
-    condition_names,
     now,
 )
 
@@ -485,53 +483,63 @@ class TriggerManager:
                 "(onReady, onStart …) form a loop. Nothing was changed.",
                 session_uid=self.storage.uid,
             )
-        step.set_latest_kwargs(trigger_name, kwargs)
         latest = step.latest_kwargs
         touched: list[TaskInstance] = []
         for config in step.tasks.values():
-            if trigger_name not in config.triggers:
+            if not config.uses_trigger(trigger_name):
                 continue
-            if config.unless and condition_met(config.unless, latest):
-                if trigger_name in condition_names(config.unless):
-                    self._abandon(step, config, trigger_name)
-                continue
-            if trigger_name == config.and_every:
-                inherited = {t: latest[t] for t in config.after_names if t in latest}
-                inherited[trigger_name] = kwargs
-                touched.append(step.new_instance(config, inherited))
-            elif trigger_name in config.after_names:
-                if not config.and_every and step.count(config.name) == 0:
-                    inherited = {t: latest[t] for t in config.after_names if t in latest}
-                    touched.append(step.new_instance(config, inherited))
-                    continue
-                for instance in step.open_instances_of(config.name):
-                    if instance.status == STATUS_UNSTARTED:
-                        instance.kwargs[trigger_name] = kwargs
-                        step.save(instance)
-                        touched.append(instance)
-        scheduled = [instance for instance in touched if instance.can_schedule]
-        for instance in scheduled:
-            self._schedule(step, instance)
+            touched += self._apply_to_task(step, config, trigger_name, kwargs, latest)
+        step.set_latest_kwargs(trigger_name, kwargs)
+        scheduled = []
+        for instance in touched:
+            if instance.can_abandon:
+                instance.set_status(STATUS_ABANDONED, abandoned_by=trigger_name)
+                step.save(instance)
+            elif instance.can_schedule:
+                self._schedule(step, instance)
+                scheduled.append(instance)
         step.fired.append((trigger_name, scheduled))
         for instance in scheduled:
             self._fire_outcome(step, instance, DIRECTIVE_ON_READY, {"instance": instance.name},
                                depth + 1)
         return scheduled
 
+    def _apply_to_task(self, step: SessionStep, config: TaskConfig, trigger_name: str,
+                       kwargs: Kwargs, latest: Mapping[str, Kwargs]) -> list[TaskInstance]:
+        """Apply a trigger to one task's waiting instances; returns those it may change.
+
+        The original's rule: the trigger applies to every waiting instance that it
+        has not reached yet; a new instance is created when the task has none yet,
+        or when an ``andEvery`` trigger applied to none. A new instance inherits the
+        latest kwargs of the other ``after`` triggers and records the ``unless``
+        triggers that fired before it.
+        """
+        waiting = [instance for instance in step.open_instances_of(config.name)
+                   if instance.is_waiting]
+        create = True
+        if step.count(config.name):
+            create = trigger_name == config.and_every
+            for instance in waiting:
+                if instance.apply_trigger(trigger_name, kwargs):
+                    step.save(instance)
+                    create = False
+        if create:
+            needs = config.after_names | ({config.and_every} if config.and_every else set())
+            instance = step.new_instance(
+                config,
+                {name: latest[name] for name in needs if name != trigger_name and name in latest},
+                abandon_state={name for name in config.unless_names
+                               if name != trigger_name and name in latest},
+            )
+            instance.apply_trigger(trigger_name, kwargs)
+            step.save(instance)
+            waiting.append(instance)
+        return waiting
+
     def _fire_outcome(self, step: SessionStep, instance: TaskInstance, directive: str,
                       kwargs: Kwargs, depth: int = 0) -> None:
         for trigger_name in instance.config.outcome_triggers(directive):
             self._apply_trigger(step, trigger_name, kwargs, depth)
-
-    def _abandon(self, step: SessionStep, config: TaskConfig, trigger_name: str) -> None:
-        if step.count(config.name) == 0:
-            step.new_instance(config, status=STATUS_ABANDONED,
-                              metadata={"abandoned_by": trigger_name})
-            return
-        for instance in step.open_instances_of(config.name):
-            if instance.can_abandon:
-                instance.set_status(STATUS_ABANDONED, abandoned_by=trigger_name)
-                step.save(instance)
 
     def _schedule(self, step: SessionStep, instance: TaskInstance) -> None:
         runner = instance.config.using or self.default_task_runner_name
@@ -554,7 +562,7 @@ class TriggerManager:
         if depth:
             meta["depth"] = depth
         clone = step.new_instance(old.config, replacement if replacement is not None else old.kwargs,
-                                  STATUS_UNSTARTED, meta)
+                                  STATUS_UNSTARTED, meta, old.abandon_state)
         old.metadata["replaced_by"] = clone.name
         self._schedule(step, clone)
         if cooldown:

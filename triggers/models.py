@@ -41,6 +41,8 @@ class TriggerInstance(models.Model):
     resolved = models.BooleanField(default=False)
     kwargs = models.JSONField(default=dict)
     metadata = models.JSONField(default=dict)
+    #: The ``unless`` triggers that reached the instance (TaskInstance.abandon_state).
+    unless = models.JSONField(default=list)
     created = models.DateTimeField(auto_now_add=True)
     modified = models.DateTimeField(auto_now=True)
 

@@ -33,7 +33,7 @@ from triggers.exceptions import (
     with_context,
 )
 from triggers.logging import LevelTracker, LoggerContext
-from triggers.types import TaskInstance
+from triggers.types import TaskInstance, merge_dict
 
 if TYPE_CHECKING:
     from triggers.manager import TriggerManager
@@ -257,11 +257,11 @@ class TriggerTask(Task):  # type: ignore[type-arg]
 
 
 def _merged_kwargs(instance: TaskInstance) -> dict[str, dict[str, Any]]:
-    """The instance's trigger kwargs with the task's ``withParams`` merged over them."""
-    merged = {trigger: dict(kwargs) for trigger, kwargs in instance.kwargs.items()}
-    for trigger, params in instance.config.with_params.items():
-        merged.setdefault(trigger, {}).update(params)
-    return merged
+    """The instance's trigger kwargs deep-merged over the task's ``withParams``.
+
+    Fired values win; nested mappings merge; lists and other values are replaced.
+    """
+    return merge_dict(instance.config.with_params, instance.kwargs)
 
 
 def _result_kwargs(result: Any, instance: TaskInstance) -> dict[str, Any]:

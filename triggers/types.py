@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 import logging
 import time
@@ -27,6 +28,7 @@ __all__ = [
     "TaskStatus",
     "condition_met",
     "condition_names",
+    "merge_dict",
 ]
 
 #: Separates a task's name from an instance's number: ``t_importSubject#0``.
@@ -108,6 +110,22 @@ CONDITION_ALL = "all"
 #: A condition: a list of items that must all hold; an item is a trigger name,
 #: ``{"any": [items]}`` (at least one holds) or ``{"all": [items]}`` (all hold).
 Condition = list[Any]
+
+
+def merge_dict(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` deep-merged over ``base``: nested mappings merge, other values replace.
+
+    How a task's ``withParams`` combine with the kwargs its triggers were fired
+    with: ``merge_dict(with_params, fired)`` (fired values win).
+    """
+    merged = dict(base)
+    for key, value in override.items():
+        below = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(below, Mapping):
+            merged[key] = merge_dict(below, value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def condition_names(condition: Iterable[Any]) -> set[str]:
@@ -210,6 +228,30 @@ class TaskConfig:
         """Every trigger name in ``after`` (nested conditions included)."""
         return condition_names(self.after)
 
+    @property
+    def unless_names(self) -> set[str]:
+        """Every trigger name in ``unless`` (nested conditions included)."""
+        return condition_names(self.unless)
+
+    @property
+    def after_sorted(self) -> list[str]:
+        """The trigger names in ``after``, sorted (handy in templates)."""
+        return sorted(self.after_names)
+
+    @property
+    def unless_sorted(self) -> list[str]:
+        """The trigger names in ``unless``, sorted (handy in templates)."""
+        return sorted(self.unless_names)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The original's name for :attr:`extras`."""
+        return self.extras
+
+    def uses_trigger(self, trigger_name: str) -> bool:
+        """Whether the task reacts to ``trigger_name`` (``after``, ``andEvery`` or ``unless``)."""
+        return trigger_name in self._names
+
     def outcome_triggers(self, directive: str) -> list[str]:
         """Triggers the outcome directive (``onSuccess`` …) fires."""
         return self.outcomes.get(directive, [])
@@ -277,7 +319,32 @@ class TaskInstance:
     manager or task attached.
     """
 
-    __slots__ = ("config", "kwargs", "metadata", "name", "status")
+    __slots__ = ("_status", "abandon_state", "config", "kwargs", "metadata", "name")
+
+    # The original's names for the statuses (members of TaskStatus, equal to strings).
+    STATUS_UNSTARTED = STATUS_UNSTARTED
+    STATUS_SCHEDULED = STATUS_SCHEDULED
+    STATUS_RUNNING = STATUS_RUNNING
+    STATUS_FINISHED = STATUS_FINISHED
+    STATUS_FAILED = STATUS_FAILED
+    STATUS_ABANDONED = STATUS_ABANDONED
+    STATUS_REPLAYED = STATUS_REPLAYED
+    STATUS_SKIPPED = STATUS_SKIPPED
+
+    # Metadata keys (the original's constant names; see docs/statuses.rst).
+    META_COOLDOWN = "cooldown"
+    META_DEPTH = "depth"
+    META_EXCEPTION_CONTEXT = "exc_context"
+    META_EXCEPTION_INFO = "exc_traceback"
+    META_EXCEPTION_MESSAGE = "exc_message"
+    META_EXCEPTION_TYPE = "exc_type"
+    META_LOG_LEVEL = "log_level"
+    META_LOGS_RESOLVED = "logs_resolved"
+    META_PARENT = "parent"
+    META_RESULT = "result"
+    # Timestamps are epoch seconds at these metadata keys (see created / last_modified).
+    TIMESTAMP_CREATED = "created"
+    TIMESTAMP_LAST_MODIFIED = "modified"
 
     def __init__(
         self,
@@ -286,12 +353,24 @@ class TaskInstance:
         kwargs: Mapping[str, Mapping[str, Any]] | None = None,
         status: TaskStatus | str = STATUS_UNSTARTED,
         metadata: Mapping[str, Any] | None = None,
+        abandon_state: Iterable[str] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.kwargs: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (kwargs or {}).items()}
-        self.status = TaskStatus(status)
+        self.status = status  # type: ignore[assignment]  # coerced by the setter
         self.metadata: dict[str, Any] = dict(metadata or {})
+        #: The ``unless`` triggers that reached this instance (it is abandoned once
+        #: they meet the task's ``unless`` condition, before it starts).
+        self.abandon_state: set[str] = set(abandon_state or ())
+
+    @property
+    def status(self) -> TaskStatus:
+        return self._status
+
+    @status.setter
+    def status(self, value: TaskStatus | str) -> None:
+        self._status = TaskStatus(value)
 
     @property
     def task_name(self) -> str:
@@ -304,13 +383,19 @@ class TaskInstance:
     @property
     def missing_triggers(self) -> list[str]:
         """``after`` items that do not hold yet (``(b | c)`` for an unmet OR)."""
-        return [describe_item(item) for item in self.config.after
-                if not _item_met(item, self.kwargs)]
+        missing = [describe_item(item) for item in self.config.after
+                   if not _item_met(item, self.kwargs)]
+        and_every = self.config.and_every
+        if and_every and and_every not in self.kwargs:
+            missing.append(and_every)
+        return missing
 
     @property
     def is_ready(self) -> bool:
-        """Whether the ``after`` condition holds for the triggers that reached it."""
-        return condition_met(self.config.after, self.kwargs)
+        """Whether the ``after`` condition (and ``andEvery``) holds for the triggers that reached it."""
+        and_every = self.config.and_every
+        return condition_met(self.config.after, self.kwargs) and (
+            not and_every or and_every in self.kwargs)
 
     @property
     def start_after(self) -> float | None:
@@ -319,8 +404,11 @@ class TaskInstance:
         return float(value) if value is not None else None
 
     @property
-    def can_abandon(self) -> bool:
-        """Unstarted, or scheduled but still waiting out its delay."""
+    def is_waiting(self) -> bool:
+        """Not started yet: unstarted, or scheduled but still waiting out its delay.
+
+        Triggers still reach a waiting instance, and ``unless`` can abandon it.
+        """
         if self.status == STATUS_UNSTARTED:
             return True
         start_after = self.start_after
@@ -328,14 +416,38 @@ class TaskInstance:
                 and start_after > time.time())
 
     @property
+    def can_abandon(self) -> bool:
+        """Not started yet, and the ``unless`` triggers that reached it meet the condition."""
+        return (bool(self.config.unless) and self.is_waiting
+                and condition_met(self.config.unless, self.abandon_state))
+
+    @property
     def can_run(self) -> bool:
-        """Every ``after`` trigger has fired and the instance has not started yet."""
-        return self.status in (STATUS_UNSTARTED, STATUS_SCHEDULED) and self.is_ready
+        """Every ``after`` trigger has fired, it has not started, and is not to be abandoned."""
+        return (self.status in (STATUS_UNSTARTED, STATUS_SCHEDULED) and self.is_ready
+                and not self.can_abandon)
 
     @property
     def can_schedule(self) -> bool:
-        """Ready to be handed to a runner: unstarted, with every ``after`` trigger fired."""
-        return self.status == STATUS_UNSTARTED and self.is_ready
+        """Ready to be handed to a runner: unstarted, every ``after`` trigger fired, not abandoned."""
+        return self.status == STATUS_UNSTARTED and self.is_ready and not self.can_abandon
+
+    def apply_trigger(self, trigger_name: str, kwargs: Mapping[str, Any]) -> bool:
+        """Record a trigger that reached this waiting instance; whether it applied.
+
+        An ``after`` trigger applies once (the first kwargs are kept); an
+        ``unless`` trigger is recorded in :attr:`abandon_state`.
+        """
+        applied = False
+        if self.status == STATUS_UNSTARTED and trigger_name not in self.kwargs and (
+                trigger_name in self.config.after_names or trigger_name == self.config.and_every):
+            self.kwargs[trigger_name] = dict(kwargs)
+            applied = True
+        if (self.is_waiting and trigger_name not in self.abandon_state
+                and trigger_name in self.config.unless_names):
+            self.abandon_state.add(trigger_name)
+            applied = True
+        return applied
 
     @property
     def can_replay(self) -> bool:
@@ -348,6 +460,16 @@ class TaskInstance:
     @property
     def is_resolved(self) -> bool:
         return self.status in RESOLVED_STATUSES
+
+    @property
+    def created(self) -> datetime.datetime | None:
+        """When the instance was created (aware, UTC)."""
+        return _timestamp(self.metadata.get(self.TIMESTAMP_CREATED))
+
+    @property
+    def last_modified(self) -> datetime.datetime | None:
+        """When the instance last changed (aware, UTC)."""
+        return _timestamp(self.metadata.get(self.TIMESTAMP_LAST_MODIFIED))
 
     @property
     def log_level(self) -> int:
@@ -386,10 +508,13 @@ class TaskInstance:
             data["kwargs"] = self.kwargs
         if self.metadata:
             data["meta"] = self.metadata
+        if self.abandon_state:
+            data["unless"] = sorted(self.abandon_state)
         return data
 
     def copy(self) -> TaskInstance:
-        return TaskInstance(self.name, self.config, self.kwargs, self.status, self.metadata)
+        return TaskInstance(self.name, self.config, self.kwargs, self.status, self.metadata,
+                            self.abandon_state)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TaskInstance):
@@ -399,6 +524,7 @@ class TaskInstance:
             and self.status == other.status
             and self.kwargs == other.kwargs
             and self.metadata == other.metadata
+            and self.abandon_state == other.abandon_state
             and self.config == other.config
         )
 
@@ -407,6 +533,12 @@ class TaskInstance:
 
     def __repr__(self) -> str:
         return f"TaskInstance({self.name!r}, status={self.status.value!r})"
+
+
+def _timestamp(value: Any) -> datetime.datetime | None:
+    if value is None:
+        return None
+    return datetime.datetime.fromtimestamp(float(value), tz=datetime.timezone.utc)
 
 
 def instance_name(task_name: str, number: int) -> str:

@@ -190,3 +190,21 @@ class RetryLater(TriggerTask):
         if self.request.retries == 0:
             raise self.retry(cooldown=2)
         return {"depth": self.request.retries}
+
+
+class PassThru(TriggerTask):
+    """Returns the kwargs it received under ``kwargs`` (the original's PassThruTask)."""
+
+    name = "tests.PassThru"
+
+    def _run(self, context):
+        return {"kwargs": context.trigger_kwargs}
+
+
+class Hacked(TriggerTask):
+    """Returns ``{'kwargs': {'hacked': True}}``."""
+
+    name = "tests.Hacked"
+
+    def _run(self, context):
+        return {"kwargs": {"hacked": True}}

@@ -27,8 +27,10 @@ Backends implement that step at one of two depths:
 
 from __future__ import annotations
 
+import copy
 import json
 import secrets
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar, TypeVar
@@ -39,6 +41,7 @@ from triggers.exceptions import (
     CorruptSessionState,
     InstanceNotFound,
     InvalidArgument,
+    LockNotReentrant,
     StorageError,
 )
 from triggers.locking import DEFAULT_LOCK_EXPIRE, DEFAULT_LOCK_TIMEOUT, LocalSessionLock
@@ -166,6 +169,7 @@ def instance_from_json(
             kwargs=data.get("kwargs") or {},
             status=TaskStatus(data["status"]),
             metadata=data.get("meta") or {},
+            abandon_state=data.get("unless") or (),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptSessionState(
@@ -259,13 +263,15 @@ class SessionStep:
         kwargs: Mapping[str, Mapping[str, Any]] | None = None,
         status: TaskStatus | str = STATUS_UNSTARTED,
         metadata: Mapping[str, Any] | None = None,
+        abandon_state: Iterable[str] | None = None,
     ) -> TaskInstance:
         number = self.count(config.name)
         self.state.counters[config.name] = number + 1
         stamp = now()
         meta = {"created": stamp, "modified": stamp}
         meta.update(metadata or {})
-        instance = TaskInstance(instance_name(config.name, number), config, kwargs, status, meta)
+        instance = TaskInstance(instance_name(config.name, number), config, kwargs, status, meta,
+                                abandon_state)
         self.save(instance)
         return instance
 
@@ -282,6 +288,21 @@ class SessionStep:
     def changed(self) -> bool:
         return self._changed
 
+    def checkpoint(self) -> tuple[Any, ...]:
+        """A copy of the working state, to :meth:`restore` if a nested step fails."""
+        state = self.state
+        return (
+            SessionState(dict(state.tasks), copy.deepcopy(state.latest_kwargs),
+                         dict(state.counters), {n: _clone(i) for n, i in state.open.items()},
+                         copy.deepcopy(state.metadata), state.config_id),
+            {n: _clone(i) for n, i in self._resolved_loaded.items()},
+            {n: _clone(i) for n, i in self._dirty.items()},
+            self._changed, list(self.fired),
+        )
+
+    def restore(self, checkpoint: tuple[Any, ...]) -> None:
+        self.state, self._resolved_loaded, self._dirty, self._changed, self.fired = checkpoint
+
     def changes(self) -> StateChanges:
         resolved = {n: i for n, i in self._dirty.items() if i.status in RESOLVED_STATUSES}
         unresolved = {
@@ -289,6 +310,33 @@ class SessionStep:
             if i.status not in RESOLVED_STATUSES and n in self._resolved_loaded
         }
         return StateChanges(self.state, resolved, unresolved, dict(self._dirty))
+
+
+class _Held:
+    """A lock block (``with storage.acquire_lock()``) of one thread."""
+
+    __slots__ = ("callbacks", "handed", "step", "thread")
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.step: SessionStep | None = None
+        self.callbacks: list[Callable[[], None]] = []
+        #: Instances the block read, by name, with what they were when read.
+        self.handed: dict[str, tuple[TaskInstance, dict[str, Any]]] = {}
+
+    def hand(self, instance: TaskInstance) -> TaskInstance:
+        if instance.name not in self.handed:
+            self.handed[instance.name] = (instance, copy.deepcopy(instance.to_dict()))
+        return instance
+
+    def save_handed(self) -> None:
+        """Record the changes the block made to instances it read."""
+        assert self.step is not None
+        for name, (instance, before) in list(self.handed.items()):
+            after = instance.to_dict()
+            if after != before:
+                self.step.save(instance)
+                self.handed[name] = (instance, copy.deepcopy(after))
 
 
 class BaseTriggerStorage:
@@ -315,6 +363,7 @@ class BaseTriggerStorage:
         self.uid = uid
         self.lock_expire = lock_expire
         self.lock_timeout = lock_timeout
+        self._held: _Held | None = None
         # Used by the whole-session adapter.
         self._configs: dict[str, TaskConfig] = {}
         self._instances: dict[str, TaskInstance] = {}
@@ -344,13 +393,68 @@ class BaseTriggerStorage:
 
         The manager dispatches instances and calls its hooks through this, so that
         a backend whose steps can join an outer transaction dispatches only after
-        that transaction commits.
+        that transaction commits. Inside :meth:`acquire_lock` callbacks wait for
+        the end of the block.
         """
+        held = self._held_here()
+        if held is not None:
+            held.callbacks.append(callback)
+            return
         callback()
 
-    def acquire_lock(self) -> AbstractContextManager[Any]:
-        """Context manager holding this session's lock (expiring, non-reentrant)."""
-        return self._session_lock()
+    @contextmanager
+    def acquire_lock(self) -> Iterator[BaseTriggerStorage]:
+        """Hold this session's lock and yield the storage itself, writable (the original API).
+
+        ::
+
+            with storage.acquire_lock() as writable_storage:
+                failed = writable_storage["t_import#0"]
+                clone = writable_storage.clone_instance(failed)
+                writable_storage.save()
+
+        Inside the block (in this thread) reads show the working state,
+        ``create_instance``, ``clone_instance``, ``update_configuration``, manager
+        calls on this storage and changes made to instances read from it are
+        collected, and the block's changes are written together, atomically,
+        when it ends; an exception discards them all. :meth:`save` is accepted
+        for compatibility. Dispatches and hooks run after the block.
+        """
+        if self._held_here() is not None:
+            raise LockNotReentrant(
+                f"This thread already holds the lock of session {self.uid!r} through this "
+                "storage object; use the storage the outer block yielded.",
+                session_uid=self.uid,
+            )
+        held = _Held()
+        with self.atomic() as step:
+            held.step = step
+            self._held = held
+            try:
+                yield self
+                held.save_handed()
+            finally:
+                self._held = None
+        for callback in held.callbacks:
+            callback()
+
+    def save(self) -> None:
+        """Accepted inside :meth:`acquire_lock` (the block's changes are written at its end)."""
+        held = self._held_here()
+        if held is None:
+            raise InvalidArgument(
+                f"save() of session {self.uid!r} outside 'with storage.acquire_lock()': every "
+                "change made through the manager or the storage is saved already; to change "
+                "instances by hand, do it inside the lock block."
+            )
+        held.save_handed()
+
+    def _held_here(self) -> _Held | None:
+        """The lock block this thread holds on this storage object, if any."""
+        held = self._held
+        if held is not None and held.thread == threading.get_ident():
+            return held
+        return None
 
     def transact(self, step_function: Callable[[SessionStep], T]) -> T:
         """Run ``step_function(step)`` as one atomic step and return what it returns.
@@ -358,8 +462,21 @@ class BaseTriggerStorage:
         The function reads and changes the session through ``step``; its changes
         are written when it returns, nothing is written if it raises. A backend
         may run it more than once (optimistic transactions retry on conflict), so
-        it must have no other side effects.
+        it must have no other side effects. Inside :meth:`acquire_lock` it runs on
+        the block's working state.
         """
+        held = self._held_here()
+        if held is not None:
+            assert held.step is not None
+            checkpoint = held.step.checkpoint()
+            try:
+                return step_function(held.step)
+            except BaseException:
+                held.step.restore(checkpoint)
+                raise
+        return self._transact(step_function)
+
+    def _transact(self, step_function: Callable[[SessionStep], T]) -> T:
         with self.atomic() as step:
             return step_function(step)
 
@@ -369,7 +486,7 @@ class BaseTriggerStorage:
 
         If the block raises, nothing is written.
         """
-        with self.acquire_lock():
+        with self._session_lock():
             step = SessionStep(self, self._read_state())
             yield step
             if step.changed:
@@ -485,18 +602,50 @@ class BaseTriggerStorage:
     # Inspection (fresh reads; not the hot path).
     # ------------------------------------------------------------------
 
+    def _current_state(self) -> SessionState:
+        """The stored state, or the working state of this thread's lock block."""
+        held = self._held_here()
+        if held is not None:
+            assert held.step is not None
+            return held.step.state
+        return self._read_state()
+
+    def _current_instances(self, names: Iterable[str] | None = None) -> dict[str, TaskInstance]:
+        """Instances by name (all of them, or the named ones that exist), fresh or working."""
+        held = self._held_here()
+        if held is None:
+            state = self._read_state()
+            if names is None:
+                return self._read_all_instances(state)
+            wanted = list(names)
+            found = self._read_instances([n for n in wanted if n not in state.open], state.tasks)
+            found.update({n: state.open[n] for n in wanted if n in state.open})
+            return found
+        step = held.step
+        assert step is not None
+        if names is None:
+            names = [instance_name(task, n) for task, count in step.state.counters.items()
+                     for n in range(count)]
+        found = {}
+        for name in names:
+            try:
+                found[name] = held.hand(step.instance(name))
+            except InstanceNotFound:
+                continue
+        return found
+
     @property
     def tasks(self) -> dict[str, TaskConfig]:
-        return self._read_state().tasks
+        return self._current_state().tasks
 
     @property
     def latest_kwargs(self) -> dict[str, dict[str, Any]]:
-        return self._read_state().latest_kwargs
+        return self._current_state().latest_kwargs
 
     @property
     def metadata(self) -> dict[str, Any]:
         """Session metadata, including ``latest_kwargs`` and the instance ``counters``."""
-        state = self._read_state()
+        state = self._current_state()
         meta = dict(state.metadata)
         meta["latest_kwargs"] = state.latest_kwargs
         meta["counters"] = state.counters
@@ -505,7 +654,7 @@ class BaseTriggerStorage:
     @property
     def instances(self) -> dict[str, TaskInstance]:
         """Every instance of the session, by name, in task and number order."""
-        found = self._read_all_instances(self._read_state())
+        found = self._current_instances()
         return {name: found[name] for name in sorted(found, key=_instance_sort_key)}
 
     def iter_instances(self) -> Iterator[TaskInstance]:
@@ -522,8 +671,7 @@ class BaseTriggerStorage:
             name = name.name
         if not isinstance(name, str):
             return False
-        state = self._read_state()
-        return name in state.open or bool(self._read_instances([name], state.tasks))
+        return bool(self._current_instances([name]))
 
     def __getitem__(self, name: str) -> TaskInstance:
         return self.get_instance(name)
@@ -531,10 +679,7 @@ class BaseTriggerStorage:
     def get_instance(self, name: str | TaskInstance) -> TaskInstance:
         if isinstance(name, TaskInstance):
             name = name.name
-        state = self._read_state()
-        if name in state.open:
-            return state.open[name]
-        found = self._read_instances([name], state.tasks).get(name)
+        found = self._current_instances([name]).get(name)
         if found is None:
             raise InstanceNotFound(
                 f"Session {self.uid!r} has no task instance {name!r}.",
@@ -546,15 +691,14 @@ class BaseTriggerStorage:
     def instances_of_task(self, task: str | TaskConfig) -> list[TaskInstance]:
         """Every instance of one task, in number order."""
         task_name = task.name if isinstance(task, TaskConfig) else task
-        state = self._read_state()
+        state = self._current_state()
         names = [instance_name(task_name, n) for n in range(state.counters.get(task_name, 0))]
-        found = self._read_instances([n for n in names if n not in state.open], state.tasks)
-        found.update({n: i for n, i in state.open.items() if i.config.name == task_name})
+        found = self._current_instances(names)
         return [found[n] for n in names if n in found]
 
     def get_unresolved_tasks(self) -> list[TaskConfig]:
         """Tasks with no instance yet, or with at least one unresolved instance."""
-        state = self._read_state()
+        state = self._current_state()
         open_tasks = {instance.config.name for instance in state.open.values()}
         return [
             config for name, config in state.tasks.items()
@@ -562,8 +706,10 @@ class BaseTriggerStorage:
         ]
 
     def get_unresolved_instances(self) -> list[TaskInstance]:
-        state = self._read_state()
-        return [state.open[n] for n in sorted(state.open, key=_instance_sort_key)]
+        state = self._current_state()
+        names = sorted(state.open, key=_instance_sort_key)
+        found = self._current_instances(names)
+        return [found[n] for n in names if n in found]
 
     def get_instances_with_unresolved_logs(self) -> list[TaskInstance]:
         """Instances that logged a warning or worse whose logs are not marked resolved."""
@@ -571,24 +717,26 @@ class BaseTriggerStorage:
 
     def debug_repr(self) -> dict[str, Any]:
         """The whole session as JSON-ready data, for logs and debugging."""
-        state = self._read_state()
+        state = self._current_state()
         return {
             "uid": self.uid,
             "backend": type(self).__name__,
             "tasks": {name: config.to_dict() for name, config in state.tasks.items()},
-            "instances": {
-                name: instance.to_dict() for name, instance in sorted(
-                    self._read_all_instances(state).items(), key=lambda kv: _instance_sort_key(kv[0])
-                )
-            },
+            "instances": {name: instance.to_dict() for name, instance in self.instances.items()},
             "metadata": {**state.metadata, "latest_kwargs": state.latest_kwargs,
                          "counters": state.counters},
         }
 
     # -- changes outside the manager ----------------------------------------
 
-    def update_configuration(self, configs: Mapping[str, TaskConfig]) -> None:
-        """Store validated task configurations (merging by task name)."""
+    def update_configuration(self, configs: Mapping[str, TaskConfig | Mapping[str, Any]]) -> None:
+        """Store task configurations (merging by task name).
+
+        Takes :class:`TaskConfig` objects or a configuration as written (validated
+        here, as :meth:`TriggerManager.update_configuration` does).
+        """
+        if not all(isinstance(value, TaskConfig) for value in getattr(configs, "values", list)()):
+            configs = validate_configuration(configs, None, session_uid=self.uid)
         self.transact(lambda step: step.set_tasks(configs))
 
     def create_instance(self, task_config: TaskConfig | str, **kwargs: Any) -> TaskInstance:
@@ -596,17 +744,24 @@ class BaseTriggerStorage:
 
         Keyword arguments: ``kwargs`` (trigger → kwargs), ``status`` and ``metadata``.
         """
-        unknown = set(kwargs) - {"kwargs", "status", "metadata"}
+        unknown = set(kwargs) - {"kwargs", "status", "metadata", "abandon_state", "abandonState"}
         if unknown:
             raise InvalidArgument(
                 f"create_instance() got unexpected arguments {sorted(unknown)}; "
-                "accepted: kwargs, status, metadata"
+                "accepted: kwargs, status, metadata, abandon_state (or abandonState)"
             )
         status = check_status(kwargs.get("status", STATUS_UNSTARTED))
         trigger_kwargs = check_kwargs_map(kwargs.get("kwargs") or {}, "kwargs")
         metadata = check_metadata(kwargs.get("metadata"))
-        return self.transact(lambda step: step.new_instance(
-            self._resolve_config(step, task_config), trigger_kwargs, status, metadata))
+        abandon_state = kwargs.get("abandon_state", kwargs.get("abandonState")) or ()
+        if isinstance(abandon_state, (str, bytes)) or not all(
+                isinstance(name, str) for name in abandon_state):
+            raise InvalidArgument(
+                f"create_instance() abandon_state must be a collection of trigger names, got "
+                f"{abandon_state!r}")
+        return self._handed(self.transact(lambda step: step.new_instance(
+            self._resolve_config(step, task_config), trigger_kwargs, status, metadata,
+            set(abandon_state))))
 
     def clone_instance(self, task_instance: TaskInstance | str) -> TaskInstance:
         """Store an unstarted copy of an instance (new number; ``parent`` names the original)."""
@@ -614,9 +769,14 @@ class BaseTriggerStorage:
         def clone(step: SessionStep) -> TaskInstance:
             original = step.instance(name)
             return step.new_instance(original.config, original.kwargs, STATUS_UNSTARTED,
-                                     {"parent": original.name})
+                                     {"parent": original.name}, original.abandon_state)
 
-        return self.transact(clone)
+        return self._handed(self.transact(clone))
+
+    def _handed(self, instance: TaskInstance) -> TaskInstance:
+        """Inside a lock block, the instance is live: changes made to it are saved."""
+        held = self._held_here()
+        return held.hand(instance) if held is not None else instance
 
     def _resolve_config(self, step: SessionStep, task_config: TaskConfig | str) -> TaskConfig:
         name = task_config.name if isinstance(task_config, TaskConfig) else task_config
@@ -628,6 +788,11 @@ class BaseTriggerStorage:
                 f"{', '.join(sorted(step.tasks)) or '(none)'}",
                 session_uid=self.uid, task_name=name,
             ) from None
+
+
+def _clone(instance: TaskInstance) -> TaskInstance:
+    return TaskInstance(instance.name, instance.config, copy.deepcopy(instance.kwargs),
+                        instance.status, copy.deepcopy(instance.metadata), instance.abandon_state)
 
 
 def _instance_sort_key(name: str) -> tuple[str, int]:

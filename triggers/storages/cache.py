@@ -293,7 +293,7 @@ class CacheStorageBackend(BaseTriggerStorage):
 
     # -- optimistic atomic steps (Redis) -------------------------------------
 
-    def transact(self, step_function: Callable[[SessionStep], T]) -> T:
+    def _transact(self, step_function: Callable[[SessionStep], T]) -> T:
         """One atomic step; on Redis an optimistic transaction of two round trips.
 
         Round trip 1 sends ``WATCH state done lock`` and ``MGET state lock``;
@@ -305,7 +305,7 @@ class CacheStorageBackend(BaseTriggerStorage):
         LockTimeout after ``lock_timeout`` seconds.
         """
         if self._redis is None:
-            return super().transact(step_function)
+            return super()._transact(step_function)
         lock_name = self._key("lock")
         if lock_name in held_locks():
             raise LockNotReentrant(

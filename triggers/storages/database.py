@@ -147,13 +147,14 @@ class DatabaseStorageBackend(BaseTriggerStorage):
                 return SessionState()
             open_rows = list(instance_model.objects.using(self.using)
                              .filter(session_id=self.uid, resolved=False).order_by()
-                             .values_list("name", "status", "kwargs", "metadata"))
+                             .values_list("name", "status", "kwargs", "metadata", "unless"))
         except DatabaseError as exc:
             raise self._failed(exc, "reading") from exc
         if isinstance(data, Mapping):
             data = dict(data)
-            data["open"] = {name: {"status": status, "kwargs": kwargs, "meta": meta}
-                            for name, status, kwargs, meta in open_rows}
+            data["open"] = {name: {"status": status, "kwargs": kwargs, "meta": meta,
+                                   "unless": unless}
+                            for name, status, kwargs, meta, unless in open_rows}
         return SessionState.from_json(data, self.uid, f"database {self.using!r}")
 
     def _read_instances(self, names: Iterable[str],
@@ -167,13 +168,13 @@ class DatabaseStorageBackend(BaseTriggerStorage):
         try:
             rows = list(instance_model.objects.using(self.using)
                         .filter(session_id=self.uid, name__in=names).order_by()
-                        .values_list("name", "status", "kwargs", "metadata"))
+                        .values_list("name", "status", "kwargs", "metadata", "unless"))
         except DatabaseError as exc:
             raise self._failed(exc, "reading") from exc
         where = f"database {self.using!r}"
-        return {name: instance_from_json(name, {"status": status, "kwargs": kwargs, "meta": meta},
-                                         tasks, self.uid, where)
-                for name, status, kwargs, meta in rows}
+        return {name: instance_from_json(name, {"status": status, "kwargs": kwargs, "meta": meta,
+                                                "unless": unless}, tasks, self.uid, where)
+                for name, status, kwargs, meta, unless in rows}
 
     def _write_state(self, changes: StateChanges) -> None:
         session_model, instance_model = self._models()
@@ -188,13 +189,13 @@ class DatabaseStorageBackend(BaseTriggerStorage):
                 session_id=self.uid, name=instance.name, task_name=instance.task_name,
                 number=instance.number, status=instance.status.value,
                 resolved=instance.is_resolved, kwargs=instance.kwargs,
-                metadata=instance.metadata,
+                metadata=instance.metadata, unless=sorted(instance.abandon_state),
             )
             for instance in changes.dirty.values()
         ]
         instance_model.objects.using(self.using).bulk_create(
             rows, update_conflicts=True, unique_fields=["session", "name"],
-            update_fields=["status", "resolved", "kwargs", "metadata", "modified"],
+            update_fields=["status", "resolved", "kwargs", "metadata", "unless", "modified"],
         )
 
     # -- housekeeping ---------------------------------------------------------

@@ -1,0 +1,251 @@
+"""The original Triggers 2.0 semantics that its users rely on, on every storage kind."""
+
+import pytest
+
+from tests.helpers import STORAGE_KINDS, make_storage, statuses
+from triggers import TriggerManager
+from triggers.exceptions import InvalidArgument, LockNotReentrant
+from triggers.runners import ThreadingTaskRunner
+from triggers.types import TaskConfig, TaskInstance, merge_dict
+
+pytestmark = pytest.mark.usefixtures("trigger_threading_runner")
+
+
+@pytest.fixture(params=STORAGE_KINDS)
+def manager(request, uid):
+    return TriggerManager(make_storage(request.param, uid))
+
+
+def fire_all(manager, *events):
+    for event in events:
+        name, kwargs = event if isinstance(event, tuple) else (event, None)
+        manager.fire(name, kwargs)
+        ThreadingTaskRunner.join_all()
+
+
+# -- withParams -----------------------------------------------------------------
+
+
+def test_merge_dict_fired_values_win_nested_dicts_merge_lists_replace():
+    assert merge_dict({"a": {"x": 1, "l": [1, 2], "d": {"p": 1}}, "b": 2},
+                      {"a": {"y": 2, "l": [3], "d": {"q": 2}}}) == {
+        "a": {"x": 1, "y": 2, "l": [3], "d": {"p": 1, "q": 2}}, "b": 2}
+    # A mapping over a non-mapping (and the reverse) replaces it.
+    assert merge_dict({"a": 1}, {"a": {"x": 1}}) == {"a": {"x": 1}}
+    assert merge_dict({"a": {"x": 1}}, {"a": 5}) == {"a": 5}
+
+
+def test_with_params_deep_merged_beneath_fired_kwargs(manager):
+    """The original's example: fired values win, nested dicts merge, extras are added."""
+    manager.update_configuration({"t_clone": {
+        "after": ["_finishStep"], "run": "tests.PassThru",
+        "withParams": {"_finishStep": {"name": "observations", "status": "clone"},
+                       "extra": {"stuff": "arbitrary"}},
+    }})
+    fire_all(manager, ("_finishStep", {"name": "Dolly", "greeting": "Hello"}))
+    assert manager.storage["t_clone#0"].metadata["result"] == {"kwargs": {
+        "_finishStep": {"greeting": "Hello", "name": "Dolly", "status": "clone"},
+        "extra": {"stuff": "arbitrary"},
+    }}
+
+
+def test_with_params_merge_under_a_cascade(manager):
+    """A cascade's kwargs are merged over withParams the same way."""
+    manager.update_configuration({
+        "t_alpha": {"after": ["dataReceived"], "run": "tests.Hacked"},
+        "t_bravo": {"after": ["t_alpha"], "run": "tests.PassThru",
+                    "withParams": {"t_alpha": {"kwargs": {"dataReceived": {}}}}},
+    })
+    fire_all(manager, "dataReceived")
+    assert manager.storage["t_bravo#0"].metadata["result"] == {"kwargs": {
+        "t_alpha": {"kwargs": {"dataReceived": {}, "hacked": True}}}}
+
+
+# -- when instances are created -----------------------------------------------------
+
+
+def test_and_every_applies_to_the_waiting_instance_first(manager):
+    """after=[dataReceived], andEvery=creditsDepleted: dataReceived creates t#0, unstarted."""
+    manager.update_configuration({"t": {
+        "after": ["dataReceived"], "andEvery": "creditsDepleted", "run": "tests.PassThru"}})
+    fire_all(manager, ("dataReceived", {"n": 1}))
+    assert statuses(manager.storage) == {"t#0": "unstarted"}
+    assert manager.storage["t#0"].kwargs == {"dataReceived": {"n": 1}}
+    assert manager.storage["t#0"].missing_triggers == ["creditsDepleted"]
+
+    fire_all(manager, ("creditsDepleted", {"c": 1}))
+    assert statuses(manager.storage) == {"t#0": "finished"}
+    assert manager.storage["t#0"].metadata["result"]["kwargs"] == {
+        "dataReceived": {"n": 1}, "creditsDepleted": {"c": 1}}
+
+    fire_all(manager, ("dataReceived", {"n": 2}), ("creditsDepleted", {"c": 2}),
+             ("creditsDepleted", {"c": 3}))
+    assert statuses(manager.storage) == {"t#0": "finished", "t#1": "finished",
+                                         "t#2": "finished"}
+    # Each new instance inherits the latest kwargs of the after triggers.
+    assert manager.storage["t#1"].metadata["result"]["kwargs"] == {
+        "dataReceived": {"n": 2}, "creditsDepleted": {"c": 2}}
+    assert manager.storage["t#2"].metadata["result"]["kwargs"] == {
+        "dataReceived": {"n": 2}, "creditsDepleted": {"c": 3}}
+
+
+def test_and_every_before_after_waits_then_each_runs_once(manager):
+    manager.update_configuration({"t": {
+        "after": ["dataReceived"], "andEvery": "creditsDepleted", "run": "tests.PassThru"}})
+    fire_all(manager, ("creditsDepleted", {"c": 1}), ("creditsDepleted", {"c": 2}))
+    assert statuses(manager.storage) == {"t#0": "unstarted", "t#1": "unstarted"}
+    fire_all(manager, ("dataReceived", {"n": 1}))
+    assert statuses(manager.storage) == {"t#0": "finished", "t#1": "finished"}
+    assert [manager.storage[f"t#{n}"].metadata["result"]["kwargs"]["creditsDepleted"]
+            for n in range(2)] == [{"c": 1}, {"c": 2}]
+
+
+def test_a_trigger_reaches_an_instance_once(manager):
+    """A second firing of an after trigger does not overwrite what a waiting instance holds."""
+    manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.PassThru"}})
+    fire_all(manager, ("a", {"n": 1}), ("a", {"n": 2}))
+    assert manager.storage["t#0"].kwargs == {"a": {"n": 1}}
+    assert manager.storage.latest_kwargs["a"] == {"n": 2}
+    fire_all(manager, ("b", {}))
+    assert statuses(manager.storage) == {"t#0": "finished"}
+
+
+def test_unless_first_creates_the_unstarted_instance_that_records_it(manager):
+    manager.update_configuration({"t": {
+        "after": ["a"], "unless": ["x", "y"], "run": "tests.PassThru"}})
+    fire_all(manager, "x")
+    instance = manager.storage["t#0"]
+    assert instance.status == TaskInstance.STATUS_UNSTARTED
+    assert instance.abandon_state == {"x"}
+    assert not instance.can_abandon
+    fire_all(manager, "y")
+    assert statuses(manager.storage) == {"t#0": "abandoned"}
+    # Later triggers create nothing.
+    fire_all(manager, "a")
+    assert statuses(manager.storage) == {"t#0": "abandoned"}
+
+
+def test_unless_is_recorded_per_instance(manager):
+    """An unless trigger reaches waiting instances; the instance abandons once all reached it."""
+    manager.update_configuration({"t": {
+        "after": ["a", "b"], "unless": ["x", "y"], "run": "tests.PassThru"}})
+    fire_all(manager, "a", "y")
+    assert manager.storage["t#0"].abandon_state == {"y"}
+    fire_all(manager, "x")
+    assert statuses(manager.storage) == {"t#0": "abandoned"}
+
+
+def test_and_every_after_unless_holds_creates_abandoned_instances(manager):
+    manager.update_configuration({"t": {
+        "after": ["a"], "andEvery": "page", "unless": ["stop"], "run": "tests.PassThru"}})
+    fire_all(manager, "a", "page")
+    assert statuses(manager.storage) == {"t#0": "finished"}
+    fire_all(manager, "stop")
+    fire_all(manager, "page", "page")
+    assert statuses(manager.storage) == {"t#0": "finished", "t#1": "abandoned",
+                                         "t#2": "abandoned"}
+
+
+def test_clone_copies_kwargs_and_recorded_unless(manager):
+    manager.update_configuration({"t": {
+        "after": ["a", "b"], "unless": ["x", "y"], "run": "tests.PassThru"}})
+    fire_all(manager, ("a", {"n": 1}), "x")
+    clone = manager.storage.clone_instance("t#0")
+    assert clone.name == "t#1"
+    stored = manager.storage["t#1"]
+    assert stored.kwargs == {"a": {"n": 1}}
+    assert stored.abandon_state == {"x"}
+    assert stored.metadata["parent"] == "t#0"
+
+
+# -- the original's lock block ----------------------------------------------------------
+
+
+def test_acquire_lock_yields_the_writable_storage(manager):
+    storage = manager.storage
+    manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.PassThru"}})
+    fire_all(manager, ("a", {"n": 1}))
+    with storage.acquire_lock() as writable_storage:
+        assert writable_storage is storage
+        created = writable_storage.create_instance(
+            task_config=writable_storage.tasks["t"], kwargs={"a": {"n": 9}},
+            abandonState=["x"])
+        assert created.name == "t#1"
+        clone = writable_storage.clone_instance(writable_storage["t#0"])
+        assert clone.name == "t#2"
+        # Changes made to instances read in the block are saved with it.
+        writable_storage["t#0"].metadata["note"] = "by hand"
+        writable_storage["t#0"].status = TaskInstance.STATUS_ABANDONED
+        # Reads inside the block see the working state.
+        assert sorted(writable_storage.instances) == ["t#0", "t#1", "t#2"]
+        writable_storage.save()
+    assert statuses(storage) == {"t#0": "abandoned", "t#1": "unstarted", "t#2": "unstarted"}
+    assert storage["t#0"].metadata["note"] == "by hand"
+    assert storage["t#1"].kwargs == {"a": {"n": 9}}
+    assert storage["t#1"].abandon_state == {"x"}
+    assert storage["t#2"].kwargs == {"a": {"n": 1}}
+
+
+def test_acquire_lock_block_is_all_or_nothing(manager):
+    storage = manager.storage
+    manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.PassThru"}})
+    fire_all(manager, "a")
+    with pytest.raises(RuntimeError), storage.acquire_lock() as writable_storage:
+        writable_storage.clone_instance("t#0")
+        writable_storage.save()
+        raise RuntimeError("boom")
+    assert statuses(storage) == {"t#0": "unstarted"}
+
+
+def test_manager_calls_inside_the_lock_block_join_it(manager):
+    """The original's manager took the lock and called itself; such calls join the block."""
+    storage = manager.storage
+    manager.update_configuration({"t": {"after": ["a"], "run": "tests.PassThru"}})
+    with storage.acquire_lock() as writable_storage:
+        manager.update_configuration({"u": {"after": ["a"], "run": "tests.PassThru"}})
+        scheduled = manager.fire("a", {"n": 1})
+        assert sorted(i.name for i in scheduled) == ["t#0", "u#0"]
+        # Nothing is dispatched while the lock is held.
+        assert writable_storage["t#0"].status == "scheduled"
+    ThreadingTaskRunner.join_all()
+    assert statuses(storage) == {"t#0": "finished", "u#0": "finished"}
+
+
+def test_a_failed_call_inside_the_block_leaves_the_block_unchanged(manager):
+    storage = manager.storage
+    manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.PassThru"}})
+    with storage.acquire_lock():
+        manager.fire("a", {"n": 1})
+        with pytest.raises(InvalidArgument):
+            storage.create_instance("t", kwargs={"a": {"n": 1}}, bogus=1)
+        with pytest.raises(Exception):  # noqa: B017 - any error of the nested step
+            manager.replay_failed_instance("t#0")
+    assert statuses(storage) == {"t#0": "unstarted"}
+
+
+def test_acquire_lock_is_not_reentrant_and_save_needs_it(manager):
+    storage = manager.storage
+    with storage.acquire_lock(), pytest.raises(LockNotReentrant):
+        with storage.acquire_lock():
+            pass
+    with pytest.raises(InvalidArgument, match="acquire_lock"):
+        storage.save()
+
+
+# -- the original's names ----------------------------------------------------------------
+
+
+def test_original_constants_and_attributes():
+    config = TaskConfig("t", after={"b", "a"}, run="tests.PassThru", unless=["z", "y"])
+    assert config.after_sorted == ["a", "b"]
+    assert config.unless_sorted == ["y", "z"]
+    assert config.uses_trigger("a") and config.uses_trigger("y") and not config.uses_trigger("q")
+    for status in ("unstarted", "scheduled", "running", "finished", "failed", "abandoned",
+                   "replayed", "skipped"):
+        assert getattr(TaskInstance, f"STATUS_{status.upper()}") == status
+    instance = TaskInstance("t#0", config, metadata={
+        TaskInstance.TIMESTAMP_CREATED: 0.0, TaskInstance.TIMESTAMP_LAST_MODIFIED: 60.0})
+    assert instance.last_modified.timestamp() == 60.0
+    assert instance.created.timestamp() == 0.0
+    instance.status = "failed"
+    assert instance.status == TaskInstance.STATUS_FAILED and instance.can_replay
