@@ -1,5 +1,9 @@
 """The original Triggers 2.0 semantics that its users rely on, on every storage kind."""
 
+import datetime
+import decimal
+import uuid
+
 import pytest
 
 from tests.helpers import STORAGE_KINDS, make_storage, statuses
@@ -249,3 +253,53 @@ def test_original_constants_and_attributes():
     assert instance.created.timestamp() == 0.0
     instance.status = "failed"
     assert instance.status == TaskInstance.STATUS_FAILED and instance.can_replay
+
+
+# -- values Celery's JSON round-trips ------------------------------------------------
+
+
+TYPED = {
+    "when": datetime.datetime(2026, 12, 2, 9, 30, 15, 123456, tzinfo=datetime.timezone.utc),
+    "naive": datetime.datetime(2026, 12, 2, 9, 30),
+    "day": datetime.date(2026, 12, 2),
+    "at": datetime.time(9, 30, 15),
+    "amount": decimal.Decimal("12.50"),
+    "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    "nested": {"list": [decimal.Decimal("1.1"), datetime.date(2020, 1, 1)]},
+}
+
+
+def test_celery_json_types_round_trip(manager):
+    """datetime, date, time, Decimal and UUID in kwargs, results and metadata come back as such."""
+    manager.update_configuration({
+        "t_types": {"after": ["typed"], "run": "tests.Types"},
+        "t_next": {"after": ["t_types"], "run": "tests.PassThru"},
+    })
+    fire_all(manager, ("typed", TYPED))
+    storage = manager.storage
+    assert storage.latest_kwargs["typed"] == TYPED
+    assert storage["t_types#0"].kwargs["typed"] == TYPED
+    result = storage["t_types#0"].metadata["result"]
+    assert result["types"] == {"when": "datetime", "naive": "datetime", "day": "date",
+                               "at": "time", "amount": "Decimal", "id": "UUID",
+                               "nested": "dict"}
+    # The cascade carries them on, into the next task.
+    assert storage["t_next#0"].metadata["result"]["kwargs"]["t_types"]["values"] == TYPED
+    manager.update_instance_metadata("t_next#0", {"checked_at": TYPED["when"],
+                                                  "ref": TYPED["id"]})
+    meta = storage["t_next#0"].metadata
+    assert meta["checked_at"] == TYPED["when"] and meta["ref"] == TYPED["id"]
+
+
+@pytest.mark.parametrize("bad", [object(), {1, 2}, 1j, float("nan")])
+def test_other_values_are_refused_and_nothing_changes(manager, bad):
+    from triggers.exceptions import InvalidTrigger
+
+    manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.PassThru"}})
+    fire_all(manager, ("a", {"n": 1}))
+    before = manager.storage.debug_repr()
+    with pytest.raises(InvalidTrigger, match="JSON"):
+        manager.fire("b", {"value": bad})
+    with pytest.raises(InvalidArgument, match="JSON"):
+        manager.update_instance_metadata("t#0", {"value": bad})
+    assert manager.storage.debug_repr() == before

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Set
 from typing import Any
 
+from triggers import _json as stored_json
 from triggers.exceptions import ConfigurationError, ConfigurationProblem, InvalidArgument
 from triggers.types import (
     CONDITION_ALL,
@@ -99,9 +99,11 @@ def _condition_item(item: Any, depth: int) -> str | None:
 def json_copy(value: Any, what: str, error: type[Exception] = InvalidArgument) -> Any:
     """A JSON round trip: checks that a value can be stored, and normalises it as stored."""
     try:
-        return json.loads(json.dumps(value, allow_nan=False))
+        return stored_json.round_trip(value)
     except (TypeError, ValueError) as exc:
-        raise error(f"{what} must be JSON-serialisable: {exc}") from exc
+        raise error(
+            f"{what} must be JSON-serialisable (datetime, date, time, Decimal and UUID are "
+            f"kept as such): {exc}") from exc
 
 
 def check_kwargs(value: Any, what: str, error: type[Exception] = InvalidArgument
@@ -274,7 +276,7 @@ def validate_configuration(
 
         if not stored:
             try:
-                json.dumps(_with_lists(entry), allow_nan=False)
+                stored_json.dumps(_with_lists(entry))
             except (TypeError, ValueError) as exc:
                 problem(task_name, None, f"the entry must be JSON-serialisable ({exc})")
 

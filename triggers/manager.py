@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import traceback as traceback_module
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from triggers import _json as stored_json
 from triggers import runners
 from triggers.config import (
     check_kwargs,
@@ -669,7 +669,7 @@ def _qualname(cls: type) -> str:
 def _json_copy_lenient(value: Mapping[str, Any]) -> Any:
     """Exception context as JSON; what JSON cannot hold (objects, NaN, …) becomes its repr()."""
     try:
-        return json.loads(json.dumps(dict(value), default=repr, allow_nan=False))
+        return stored_json.lenient_round_trip(dict(value))
     except (TypeError, ValueError):
         return {str(key): repr(item) for key, item in value.items()}
 

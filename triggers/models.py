@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.db import models
 
+from triggers import _json as stored_json
 from triggers.types import RESOLVED_STATUSES, TaskStatus
 
 __all__ = ["TriggerInstance", "TriggerSession"]
@@ -16,7 +17,7 @@ class TriggerSession(models.Model):
 
     uid = models.CharField(max_length=255, primary_key=True)
     #: Everything but the instances, in the layout of the cache backend's ``state`` key.
-    state = models.JSONField(default=dict)
+    state = models.JSONField(default=dict, encoder=stored_json.Encoder, decoder=stored_json.Decoder)
     created = models.DateTimeField(auto_now_add=True)
     modified = models.DateTimeField(auto_now=True)
 
@@ -39,8 +40,10 @@ class TriggerInstance(models.Model):
     status = models.CharField(max_length=16, choices=STATUS_CHOICES)
     #: Whether the status is finished, abandoned, replayed or skipped.
     resolved = models.BooleanField(default=False)
-    kwargs = models.JSONField(default=dict)
-    metadata = models.JSONField(default=dict)
+    kwargs = models.JSONField(default=dict, encoder=stored_json.Encoder,
+                              decoder=stored_json.Decoder)
+    metadata = models.JSONField(default=dict, encoder=stored_json.Encoder,
+                                decoder=stored_json.Decoder)
     #: The ``unless`` triggers that reached the instance (TaskInstance.abandon_state).
     unless = models.JSONField(default=list)
     created = models.DateTimeField(auto_now_add=True)

@@ -15,7 +15,6 @@ A subclass is registered with every Celery app under ``<module>.<ClassName>``
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery import _state as celery_state
 
+from triggers import _json as stored_json
 from triggers.config import check_kwargs_map, check_metadata
 from triggers.exceptions import (
     InvalidArgument,
@@ -274,7 +274,7 @@ def _result_kwargs(result: Any, instance: TaskInstance) -> dict[str, Any]:
             instance_name=instance.name,
         )
     try:
-        cascade: dict[str, Any] = json.loads(json.dumps(dict(result), allow_nan=False))
+        cascade: dict[str, Any] = stored_json.round_trip(dict(result))
     except (TypeError, ValueError) as exc:
         raise InvalidTaskResult(
             f"{instance.config.run}._run() returned a mapping that is not JSON-serialisable: "

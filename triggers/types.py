@@ -358,7 +358,7 @@ class TaskInstance:
         self.name = name
         self.config = config
         self.kwargs: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (kwargs or {}).items()}
-        self.status = status  # type: ignore[assignment]  # coerced by the setter
+        self.status = status  # coerced to TaskStatus by the setter
         self.metadata: dict[str, Any] = dict(metadata or {})
         #: The ``unless`` triggers that reached this instance (it is abandoned once
         #: they meet the task's ``unless`` condition, before it starts).

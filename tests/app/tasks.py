@@ -208,3 +208,14 @@ class Hacked(TriggerTask):
 
     def _run(self, context):
         return {"kwargs": {"hacked": True}}
+
+
+class Types(TriggerTask):
+    """Returns the Python type names of the kwargs it received, and the values themselves."""
+
+    name = "tests.Types"
+
+    def _run(self, context):
+        kwargs = context.trigger_kwargs["typed"]
+        return {"types": {key: type(value).__name__ for key, value in kwargs.items()},
+                "values": kwargs}

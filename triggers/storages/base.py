@@ -28,13 +28,13 @@ Backends implement that step at one of two depths:
 from __future__ import annotations
 
 import copy
-import json
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
+from triggers import _json as stored_json
 from triggers.config import check_kwargs_map, check_metadata, check_status, validate_configuration
 from triggers.exceptions import (
     ConfigurationError,
@@ -67,9 +67,7 @@ _parsed_configs: dict[str, tuple[Any, dict[str, TaskConfig]]] = {}
 FORMAT_VERSION = 1
 
 
-def dumps(value: Any) -> str:
-    """Compact JSON, as stored."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+dumps = stored_json.dumps
 
 
 class SessionState:
@@ -558,10 +556,11 @@ class BaseTriggerStorage:
             }
             self._instances = {
                 name: value if isinstance(value, TaskInstance)
-                else instance_from_json(name, value, self._configs, self.uid, "backend")
+                else instance_from_json(name, stored_json.from_plain(value), self._configs,
+                                        self.uid, "backend")
                 for name, value in (instances or {}).items()
             }
-            self._metadata = dict(metadata or {})
+            self._metadata = stored_json.from_plain(dict(metadata or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CorruptSessionState(
                 f"Stored state of session {self.uid!r} is corrupt: {type(exc).__name__}: {exc}",
@@ -589,12 +588,18 @@ class BaseTriggerStorage:
         raise NotImplementedError(f"{type(self).__name__} cannot delete sessions")
 
     def serialize(self) -> dict[str, Any]:
-        """The whole session (as last loaded or saved) as JSON-ready data."""
-        return {
+        """The whole session (as last loaded or saved) as plain JSON data.
+
+        Datetimes, decimals and UUIDs in kwargs and metadata are tagged the way
+        Celery's JSON serializer tags them (``{"__type__": ..., "__value__": ...}``);
+        :meth:`_load_from_backend` may return the data as it was serialized.
+        """
+        data: dict[str, Any] = stored_json.to_plain({
             "tasks": {name: config.to_dict() for name, config in self._configs.items()},
             "instances": {name: inst.to_dict() for name, inst in self._instances.items()},
             "metadata": dict(self._metadata),
-        }
+        })
+        return data
 
     _serialize = serialize
 
@@ -735,9 +740,12 @@ class BaseTriggerStorage:
         Takes :class:`TaskConfig` objects or a configuration as written (validated
         here, as :meth:`TriggerManager.update_configuration` does).
         """
-        if not all(isinstance(value, TaskConfig) for value in getattr(configs, "values", list)()):
-            configs = validate_configuration(configs, None, session_uid=self.uid)
-        self.transact(lambda step: step.set_tasks(configs))
+        if isinstance(configs, Mapping) and all(
+                isinstance(value, TaskConfig) for value in configs.values()):
+            validated = cast("Mapping[str, TaskConfig]", configs)
+        else:
+            validated = validate_configuration(configs, None, session_uid=self.uid)
+        self.transact(lambda step: step.set_tasks(validated))
 
     def create_instance(self, task_config: TaskConfig | str, **kwargs: Any) -> TaskInstance:
         """Create and store a new instance of a task.

@@ -20,13 +20,13 @@ its own, with its own expiry) and locks with the atomic ``cache.add``.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any, TypeVar, cast
 
+from triggers import _json as stored_json
 from triggers.exceptions import (
     CorruptSessionState,
     InvalidArgument,
@@ -179,7 +179,7 @@ class CacheStorageBackend(BaseTriggerStorage):
                 session_uid=self.uid,
             )
         try:
-            return json.loads(raw)
+            return stored_json.loads(raw)
         except ValueError as exc:
             raise CorruptSessionState(
                 f"Stored state of session {self.uid!r} ({where}) is not valid JSON ({exc}). "

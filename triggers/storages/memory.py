@@ -8,11 +8,11 @@ documented whole-session extension point (``_load_from_backend`` / ``_save``).
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from triggers import _json as stored_json
 from triggers.storages.base import BaseTriggerStorage, dumps
 
 __all__ = ["MemoryStorageBackend"]
@@ -39,7 +39,7 @@ class MemoryStorageBackend(BaseTriggerStorage):
         raw = self._store.get(self.uid)
         if raw is None:
             return {}, {}, {}
-        data = json.loads(raw)
+        data = stored_json.loads(raw)
         return data["tasks"], data["instances"], data["metadata"]
 
     def _save(self) -> None:

@@ -109,7 +109,8 @@ class Command(BaseCommand):
     def do_inspect(self, options: dict[str, Any]) -> None:
         storage = self.manager(options["uid"], options).storage
         if options["json"]:
-            self.stdout.write(json.dumps(storage.debug_repr(), indent=2, sort_keys=True))
+            self.stdout.write(json.dumps(storage.debug_repr(), indent=2, sort_keys=True,
+                                         default=str))
             return
         self.stdout.write(f"Session {storage.uid}")
         self.stdout.write("Tasks:")
@@ -123,7 +124,7 @@ class Command(BaseCommand):
             if instance.status.value == "failed":
                 line += f" {instance.metadata.get('exc_type')}: {instance.metadata.get('exc_message')}"
             elif "result" in instance.metadata:
-                line += f" result={json.dumps(instance.metadata['result'])}"
+                line += f" result={json.dumps(instance.metadata['result'], default=str)}"
             if instance.metadata.get("dispatch_error"):
                 line += f" dispatch_error={instance.metadata['dispatch_error']}"
             self.stdout.write(line)
