@@ -116,9 +116,9 @@ def time_fires(uid: str, repeat: int) -> tuple[list[float], float]:
 def time_gets(repeat: int) -> list[float]:
     from django.core.cache import caches
 
-    from triggers.storages.cache import _redis_client
+    from triggers.locking import redis_client_for_cache
 
-    client = _redis_client(caches["default"])
+    client = redis_client_for_cache(caches["default"])
     client.set("bench:get", b"x" * 100)
     for _ in range(50):
         client.get("bench:get")

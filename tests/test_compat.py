@@ -303,3 +303,158 @@ def test_other_values_are_refused_and_nothing_changes(manager, bad):
     with pytest.raises(InvalidArgument, match="JSON"):
         manager.update_instance_metadata("t#0", {"value": bad})
     assert manager.storage.debug_repr() == before
+
+
+# -- the original's modules and helpers ------------------------------------------------
+
+
+def test_original_import_paths():
+    from triggers.storages import storage_backends as from_package
+    from triggers.storages.base import storage_backends
+
+    assert storage_backends is from_package
+    assert storage_backends.get("memory", "x").uid == "x"
+
+
+def test_default_task_runner_may_be_a_runner_class(uid):
+    """The original's test helpers patch DEFAULT_TASK_RUNNER with a runner class."""
+    from triggers import runners
+    from triggers.patcher import AttrPatcher
+
+    manager = TriggerManager(make_storage("django_redis", uid))
+    before = runners.DEFAULT_TASK_RUNNER
+    with AttrPatcher(runners, DEFAULT_TASK_RUNNER=runners.ThreadingTaskRunner, _forced_runner=None):
+        assert runners.default_runner_name() == "threading"
+        assert manager.default_task_runner_name == "threading"
+    assert runners.DEFAULT_TASK_RUNNER == before
+
+
+def test_attr_patcher_restores_and_deletes():
+    from triggers.patcher import AttrPatcher
+
+    class Target:
+        present = 1
+
+    with AttrPatcher(Target, present=2, absent=3):
+        assert (Target.present, Target.absent) == (2, 3)
+    assert Target.present == 1 and not hasattr(Target, "absent")
+
+
+def test_original_testing_tasks(uid):
+    from triggers.testing import (
+        DevNullTask,
+        FailingTask,
+        PassThruTask,
+        SelfRetryingTask,
+        SelfSkippingTask,
+        name_matches_classpath,
+    )
+
+    assert PassThruTask.name == "triggers.testing.PassThruTask"
+
+    @name_matches_classpath
+    class Named:
+        name = "other"
+
+    assert Named.name == f"{__name__}.Named"
+    manager = TriggerManager(make_storage("django_redis", uid))
+    manager.update_configuration({
+        "t_pass": {"after": ["a"], "run": PassThruTask.name},
+        "t_null": {"after": ["a"], "run": DevNullTask.name},
+        "t_fail": {"after": ["a"], "run": FailingTask.name},
+        "t_skip": {"after": ["a"], "run": SelfSkippingTask.name},
+        "t_retry": {"after": ["retries"], "run": SelfRetryingTask.name},
+    })
+    fire_all(manager, ("a", {"retries": {"max": 2}}), ("retries", {"max": 2}))
+    storage = manager.storage
+    assert storage["t_pass#0"].metadata["result"] == {"kwargs": {"a": {"retries": {"max": 2}}}}
+    assert storage["t_null#0"].metadata["result"] == {}
+    assert storage["t_fail#0"].metadata[TaskInstance.META_EXCEPTION_TYPE] == "builtins.RuntimeError"
+    assert storage["t_skip#0"].status == "skipped"
+    assert storage["t_skip#0"].metadata["kwargs"] == {"a": {"retries": {"max": 2}}}
+    assert {n: s for n, s in statuses(storage).items() if n.startswith("t_retry")} == {
+        "t_retry#0": "replayed", "t_retry#1": "replayed", "t_retry#2": "finished"}
+    assert storage["t_retry#2"].metadata["result"] == {"count": 2}
+
+
+def test_skip_records_cascade_and_result(uid):
+    manager = TriggerManager(make_storage("django_redis", uid))
+    manager.update_configuration({"t": {"after": ["a"], "run": "tests.Fail"}})
+    fire_all(manager, "a")
+    manager.skip_failed_instance("t#0")
+    assert manager.storage["t#0"].metadata["cascade"] is False
+    assert manager.storage["t#0"].metadata["result"] == {}
+
+
+def test_update_instance_metadata_bumps_last_modified(uid):
+    import time
+
+    manager = TriggerManager(make_storage("django_redis", uid))
+    manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.PassThru"}})
+    fire_all(manager, "a")
+    before = manager.storage["t#0"].last_modified
+    time.sleep(0.01)
+    manager.update_instance_metadata("t#0", {"foo": "bar"})
+    instance = manager.storage["t#0"]
+    assert instance.last_modified > before
+    assert instance.created == manager.storage["t#0"].created
+
+
+def test_invalidate_cache_is_accepted(manager):
+    manager.storage.invalidate_cache()
+
+
+class TestOriginalLockHelpers:
+    """triggers.locking's acquire_lock / Lockable, as the original offered them."""
+
+    def test_blocking_lock_serialises_threads(self, uid):
+        import threading
+
+        from triggers.locking import acquire_lock
+
+        inside, overlaps = [], []
+
+        def work():
+            with acquire_lock(f"k-{uid}", ttl=30):
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(1)
+                inside.pop()
+
+        threads = [threading.Thread(target=work) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert overlaps == []
+
+    def test_non_blocking_lock_fails_at_once(self, uid):
+        from triggers.locking import LockAcquisitionFailed, acquire_lock
+
+        with acquire_lock(f"k-{uid}", ttl=30), pytest.raises(LockAcquisitionFailed), \
+                acquire_lock(f"k-{uid}", ttl=30, block=False):
+            pass
+        with acquire_lock(f"k-{uid}", ttl=30, block=False):
+            pass
+
+    def test_lockable_is_reentrant_per_thread(self, uid):
+        from triggers.locking import LockAcquisitionFailed, Lockable
+
+        class Locker(Lockable):
+            def get_lock_name(self):
+                return f"k-{uid}"
+
+        first, second = Locker(), Locker()
+        with first.acquire_lock(block=False):
+            with first.acquire_lock(block=False):
+                assert first.has_lock
+            assert first.has_lock
+            with pytest.raises(LockAcquisitionFailed), second.acquire_lock(block=False):
+                pass
+        assert not first.has_lock
+
+    def test_not_a_redis_cache(self):
+        from triggers.locking import NotSupported, acquire_lock
+
+        with pytest.raises(NotSupported, match="Redis"), acquire_lock("k", cache="locmem"):
+            pass

@@ -125,7 +125,7 @@ def test_outcome_triggers_on_failure(manager):
     run(manager, ("go", {}))
     latest = manager.storage.latest_kwargs
     assert latest["failed"] == latest["done"] == {
-        "instance": "t#0", "exc_type": "ValueError", "exc_message": "the subject is invalid"}
+        "instance": "t#0", "exc_type": "builtins.ValueError", "exc_message": "the subject is invalid"}
     assert "ok" not in latest
     assert status(manager, "t_handler#0") == "finished"
 

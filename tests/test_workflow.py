@@ -190,7 +190,7 @@ def test_failure_is_recorded(manager):
     fire_all(manager, [("go", {})])
     instance = manager.storage["t_fail#0"]
     assert instance.status.value == "failed"
-    assert instance.metadata["exc_type"] == "ValueError"
+    assert instance.metadata["exc_type"] == "builtins.ValueError"
     assert instance.metadata["exc_message"] == "the subject is invalid"
     assert "Traceback" in instance.metadata["exc_traceback"]
     assert instance.metadata["exc_context"] == {"subject_id": 42}

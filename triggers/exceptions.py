@@ -43,8 +43,10 @@ __all__ = [
     "InvalidTaskKwargs",
     "InvalidTaskResult",
     "InvalidTrigger",
+    "LockAcquisitionFailed",
     "LockError",
     "LockNotReentrant",
+    "LockNotSupported",
     "LockTimeout",
     "MaxRetriesExceeded",
     "StorageError",
@@ -172,6 +174,14 @@ class LockTimeout(LockError, TimeoutError):
 
 class LockNotReentrant(LockError):
     """A thread asked for a session lock it already holds (that would deadlock)."""
+
+
+class LockAcquisitionFailed(LockError, RuntimeError):
+    """:func:`triggers.locking.acquire_lock` could not take its lock (the original's name)."""
+
+
+class LockNotSupported(LockError, TypeError):
+    """The cache cannot hold distributed locks (it is not a Redis cache)."""
 
 
 def with_context(exc: E, context: Mapping[str, Any]) -> E:

@@ -26,7 +26,13 @@ from typing import Any, Protocol
 import redis
 import redis_lock
 
-from triggers.exceptions import LockError, LockNotReentrant, LockTimeout
+from triggers.exceptions import (
+    LockAcquisitionFailed,
+    LockError,
+    LockNotReentrant,
+    LockNotSupported,
+    LockTimeout,
+)
 
 __all__ = [
     "held_locks",
@@ -34,9 +40,18 @@ __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
     "CacheSessionLock",
     "LocalSessionLock",
+    "LockAcquisitionFailed",
+    "Lockable",
+    "NotSupported",
     "RedisSessionLock",
     "SessionLock",
+    "acquire_lock",
+    "redis_client_for_cache",
+    "resolve_cache",
 ]
+
+#: The original's name for :class:`~triggers.exceptions.LockNotSupported`.
+NotSupported = LockNotSupported
 
 #: Seconds after which a lock whose holder stopped renewing it expires.
 DEFAULT_LOCK_EXPIRE = 30
@@ -213,3 +228,96 @@ class LocalSessionLock(_BaseLock):
 
     def _release(self) -> None:
         self._lock.release()
+
+
+def redis_client_for_cache(cache: Any) -> Any:
+    """The raw redis-py client behind a Django Redis cache, or ``None`` for other caches.
+
+    django-redis and Django's own ``RedisCache`` are recognised.
+    """
+    try:
+        from django_redis.cache import RedisCache as DjangoRedisCache
+    except ImportError:  # pragma: no cover - part of the redis extra
+        DjangoRedisCache = None  # noqa: N806
+    from django.core.cache.backends.redis import RedisCache as BuiltinRedisCache
+
+    if DjangoRedisCache is not None and isinstance(cache, DjangoRedisCache):
+        return cache.client.get_client(write=True)
+    if isinstance(cache, BuiltinRedisCache):
+        return cache._cache.get_client(write=True)
+    return None
+
+
+# -- the original's general-purpose locks -------------------------------------------
+
+
+def resolve_cache(backend: Any) -> Any:
+    """The Django cache called ``backend`` (or ``backend`` itself if it is a cache)."""
+    from django.core.cache import caches
+    from django.core.cache.backends.base import BaseCache
+
+    return backend if isinstance(backend, BaseCache) else caches[backend]
+
+
+@contextmanager
+def acquire_lock(key: str, ttl: int | bool | None = True, cache: Any = "default",
+                 block: bool = True) -> Iterator[None]:
+    """Hold a distributed lock named ``key`` on a Redis cache (the original's helper).
+
+    ``ttl``: seconds until the lock expires (``True``: the cache's default timeout;
+    ``None``: never; ``False``: take no lock at all). ``block=False`` raises
+    :class:`LockAcquisitionFailed` at once if another holder has it. Raises
+    :class:`NotSupported` for a cache that is not Redis.
+    """
+    backend = resolve_cache(cache)
+    client = redis_client_for_cache(backend)
+    if client is None:
+        raise NotSupported(f"{type(backend).__name__} is not compatible with distributed locks; "
+                           "use a Redis cache (django-redis or Django's RedisCache).")
+    if ttl is False:
+        yield
+        return
+    expire = backend.default_timeout if ttl is True else ttl
+    lock = _PollingRedisLock(client, key, expire=expire, auto_renewal=expire is not None)
+    if not lock.acquire(blocking=block):
+        raise LockAcquisitionFailed(f"Failed to acquire lock on {key!r} (ttl={expire!r}, "
+                                    f"block={block!r}).")
+    try:
+        yield
+    finally:
+        try:
+            lock.release()
+        except redis_lock.NotAcquired:
+            pass
+
+
+class Lockable:
+    """Base for objects that take a distributed lock of their own (the original's mixin).
+
+    :meth:`acquire_lock` is re-entrant within the thread that holds it.
+    Subclasses implement :meth:`get_lock_name`.
+    """
+
+    @contextmanager
+    def acquire_lock(self, ttl: int | bool | None = True, block: bool = True) -> Iterator[None]:
+        if self.has_lock:
+            yield
+            return
+        with acquire_lock(self.get_lock_name(), ttl, self.get_lock_backend(), block):
+            self._has_lock: threading.Thread | None = threading.current_thread()
+            try:
+                yield
+            finally:
+                self._has_lock = None
+
+    def get_lock_name(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must implement get_lock_name()")
+
+    def get_lock_backend(self) -> Any:
+        """The cache (or its alias) that holds the lock."""
+        return "default"
+
+    @property
+    def has_lock(self) -> bool:
+        """Whether the current thread holds this object's lock."""
+        return getattr(self, "_has_lock", None) is threading.current_thread()

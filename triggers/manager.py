@@ -178,7 +178,7 @@ class TriggerManager:
         def skip(step: SessionStep) -> tuple[TaskInstance, Fired]:
             instance = step.instance(name)
             self._require(instance, instance.can_skip, "skipped", "only failed instances")
-            instance.set_status(STATUS_SKIPPED, **({"result": result_kwargs} if cascade else {}))
+            instance.set_status(STATUS_SKIPPED, cascade=bool(cascade), result=result_kwargs)
             step.save(instance)
             if cascade:
                 self._apply_trigger(step, instance.task_name, result_kwargs)
@@ -224,6 +224,7 @@ class TriggerManager:
         def update(step: SessionStep) -> TaskInstance:
             instance = step.instance(name)
             instance.metadata.update(meta)
+            instance.metadata["modified"] = now()
             step.save(instance)
             return instance
 
@@ -396,7 +397,7 @@ class TriggerManager:
     def _fail_instance(self, started: TaskInstance, exc: BaseException, log_level: int) -> None:
         context = getattr(exc, "context", None)
         meta: dict[str, Any] = {
-            "exc_type": _qualname(type(exc)),
+            "exc_type": _exception_type(type(exc)),
             "exc_message": str(exc),
             "exc_traceback": "".join(traceback_module.format_exception(exc)),
             "finished": now(),
@@ -524,10 +525,10 @@ class TriggerManager:
                     step.save(instance)
                     create = False
         if create:
-            needs = config.after_names | ({config.and_every} if config.and_every else set())
             instance = step.new_instance(
                 config,
-                {name: latest[name] for name in needs if name != trigger_name and name in latest},
+                {name: latest[name] for name in config.after_names
+                 if name != trigger_name and name in latest},
                 abandon_state={name for name in config.unless_names
                                if name != trigger_name and name in latest},
             )
@@ -659,6 +660,12 @@ def _recover_after() -> float:
 
         return float(triggers_settings.RECOVER_AFTER)
     return 300.0
+
+
+def _exception_type(cls: type) -> str:
+    """``module.Name`` of an exception class, built-ins included (``builtins.ValueError``),
+    as the original recorded it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _qualname(cls: type) -> str:

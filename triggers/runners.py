@@ -36,8 +36,11 @@ __all__ = [
 ]
 
 #: Runner used when neither the task's ``using``, the manager, nor
-#: ``TRIGGERS['RUNNER']`` says otherwise.
-DEFAULT_TASK_RUNNER = "celery"
+#: ``TRIGGERS['RUNNER']`` says otherwise: a registry key, or (as in the original) a
+#: runner class. Assigning another value (as the original's test helpers do)
+#: overrides ``TRIGGERS['RUNNER']``.
+DEFAULT_TASK_RUNNER: Any = "celery"
+_BUNDLED_DEFAULT = DEFAULT_TASK_RUNNER
 
 #: Set by triggers.testing: the runner tests use, whatever the settings say.
 _forced_runner: str | None = None
@@ -48,6 +51,10 @@ def default_runner_name() -> str:
     else :data:`DEFAULT_TASK_RUNNER`."""
     if _forced_runner is not None:
         return _forced_runner
+    default = DEFAULT_TASK_RUNNER
+    name = default if isinstance(default, str) else str(default.name)
+    if default is not _BUNDLED_DEFAULT:
+        return name
     from django.conf import settings
 
     if settings.configured:
@@ -56,7 +63,7 @@ def default_runner_name() -> str:
         configured: str | None = triggers_settings.RUNNER
         if configured:
             return configured
-    return DEFAULT_TASK_RUNNER
+    return name
 
 logger = logging.getLogger(__name__)
 

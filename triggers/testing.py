@@ -30,13 +30,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from unittest import mock
 
 from triggers import runners
 from triggers.exceptions import InstanceNotFound
 from triggers.manager import TriggerManager
 from triggers.runners import ThreadingTaskRunner
+from triggers.task import TaskContext, TriggerTask
 from triggers.types import (
     STATUS_ABANDONED,
     STATUS_FAILED,
@@ -48,7 +49,78 @@ from triggers.types import (
     TaskStatus,
 )
 
-__all__ = ["TriggerAssertions", "TriggerManagerTestCaseMixin", "use_threading_runner"]
+__all__ = [
+    "DevNullTask",
+    "FailingTask",
+    "PassThruTask",
+    "SelfRetryingTask",
+    "SelfSkippingTask",
+    "TriggerAssertions",
+    "TriggerManagerTestCaseMixin",
+    "name_matches_classpath",
+    "use_threading_runner",
+]
+
+T = TypeVar("T", bound=type)
+
+
+def name_matches_classpath(cls: T) -> T:
+    """Class decorator: the task's Celery name is its class path (``module.Class``).
+
+    TriggerTask subclasses are named that way already unless they set ``name``.
+    """
+    cls.name = f"{cls.__module__}.{cls.__name__}"  # type: ignore[attr-defined]
+    return cls
+
+
+# The original's ready-made tasks for tests.
+
+
+@name_matches_classpath
+class PassThruTask(TriggerTask):
+    """Returns the kwargs it received (``{'kwargs': context.trigger_kwargs}``)."""
+
+    def _run(self, context: TaskContext) -> Mapping[str, Any] | None:
+        return {"kwargs": context.trigger_kwargs}
+
+
+@name_matches_classpath
+class DevNullTask(TriggerTask):
+    """Returns an empty result."""
+
+    def _run(self, context: TaskContext) -> Mapping[str, Any] | None:
+        return {}
+
+
+@name_matches_classpath
+class FailingTask(TriggerTask):
+    """Raises a RuntimeError."""
+
+    def _run(self, context: TaskContext) -> Mapping[str, Any] | None:
+        raise RuntimeError("You weren't supposed to see that.")
+
+
+@name_matches_classpath
+class SelfSkippingTask(TriggerTask):
+    """Marks itself skipped, with its kwargs in the metadata."""
+
+    def _run(self, context: TaskContext) -> Mapping[str, Any] | None:
+        raise self.skip({"kwargs": context.trigger_kwargs})
+
+
+@name_matches_classpath
+class SelfRetryingTask(TriggerTask):
+    """Retries itself ``retries.max`` times (default ``max_retries``), then returns the count."""
+
+    def _run(self, context: TaskContext) -> Mapping[str, Any] | None:
+        import filters as f
+
+        params = context.filter_kwargs({
+            "retries": {"max": f.Type(int) | f.Optional(default=self.max_retries) | f.Min(1)},
+        })
+        if self.request.retries < params["retries"]["max"]:
+            raise self.retry()
+        return {"count": self.request.retries}
 
 
 class use_threading_runner:  # noqa: N801 - used like a function, as mock.patch is

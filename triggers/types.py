@@ -170,8 +170,8 @@ class TaskConfig:
     managers.
     """
 
-    __slots__ = ("_names", "after", "and_every", "delay", "extras", "name", "on_recovery",
-                 "outcomes", "run", "unless", "using", "with_params")
+    __slots__ = ("_declared_after", "_names", "after", "and_every", "delay", "extras", "name",
+                 "on_recovery", "outcomes", "run", "unless", "using", "with_params")
 
     def __init__(
         self,
@@ -188,7 +188,12 @@ class TaskConfig:
         on_recovery: str | None = None,
     ) -> None:
         self.name = name
-        self.after: list[str] = sorted(after) if isinstance(after, (set, frozenset)) else list(after)
+        declared = sorted(after) if isinstance(after, (set, frozenset)) else list(after)
+        self._declared_after = declared
+        #: The condition an instance waits for: the ``after`` items, and the ``andEvery``
+        #: trigger (an instance needs it too, as in the original).
+        self.after: list[Any] = declared + (
+            [and_every] if and_every and and_every not in declared else [])
         self.run = run
         self.and_every = and_every
         self.unless: list[str] = (sorted(unless) if isinstance(unless, (set, frozenset))
@@ -258,7 +263,8 @@ class TaskConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration entry, as it would be written in a configuration."""
-        data: dict[str, Any] = {DIRECTIVE_AFTER: list(self.after), DIRECTIVE_RUN: self.run}
+        data: dict[str, Any] = {DIRECTIVE_AFTER: list(self._declared_after),
+                                DIRECTIVE_RUN: self.run}
         if self.and_every is not None:
             data[DIRECTIVE_AND_EVERY] = self.and_every
         if self.unless:
@@ -342,7 +348,10 @@ class TaskInstance:
     META_LOGS_RESOLVED = "logs_resolved"
     META_PARENT = "parent"
     META_RESULT = "result"
-    # Timestamps are epoch seconds at these metadata keys (see created / last_modified).
+    #: The original kept its timestamps nested under this key; triggers keeps them flat,
+    #: as epoch seconds at the TIMESTAMP_* keys and at ``scheduled``, ``started`` and
+    #: ``finished`` (see created / last_modified).
+    META_TIMESTAMPS = "timestamps"
     TIMESTAMP_CREATED = "created"
     TIMESTAMP_LAST_MODIFIED = "modified"
 
@@ -383,19 +392,14 @@ class TaskInstance:
     @property
     def missing_triggers(self) -> list[str]:
         """``after`` items that do not hold yet (``(b | c)`` for an unmet OR)."""
-        missing = [describe_item(item) for item in self.config.after
-                   if not _item_met(item, self.kwargs)]
-        and_every = self.config.and_every
-        if and_every and and_every not in self.kwargs:
-            missing.append(and_every)
-        return missing
+        return [describe_item(item) for item in self.config.after
+                if not _item_met(item, self.kwargs)]
 
     @property
     def is_ready(self) -> bool:
-        """Whether the ``after`` condition (and ``andEvery``) holds for the triggers that reached it."""
-        and_every = self.config.and_every
-        return condition_met(self.config.after, self.kwargs) and (
-            not and_every or and_every in self.kwargs)
+        """Whether the ``after`` condition (``andEvery`` included) holds for the triggers
+        that reached it."""
+        return condition_met(self.config.after, self.kwargs)
 
     @property
     def start_after(self) -> float | None:
@@ -439,8 +443,8 @@ class TaskInstance:
         ``unless`` trigger is recorded in :attr:`abandon_state`.
         """
         applied = False
-        if self.status == STATUS_UNSTARTED and trigger_name not in self.kwargs and (
-                trigger_name in self.config.after_names or trigger_name == self.config.and_every):
+        if (self.status == STATUS_UNSTARTED and trigger_name not in self.kwargs
+                and trigger_name in self.config.after_names):
             self.kwargs[trigger_name] = dict(kwargs)
             applied = True
         if (self.is_waiting and trigger_name not in self.abandon_state

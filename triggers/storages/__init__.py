@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from triggers.registry import TriggersRegistry
-from triggers.storages.base import BaseTriggerStorage
+from triggers.storages.base import BaseTriggerStorage, storage_backends
 
 __all__ = ["BaseTriggerStorage", "storage_backends"]
-
-#: Registry of storage backends: ``storage_backends.get('cache', uid)``.
-storage_backends = TriggersRegistry("triggers.storages", "storage backend")

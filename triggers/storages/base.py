@@ -45,6 +45,7 @@ from triggers.exceptions import (
     StorageError,
 )
 from triggers.locking import DEFAULT_LOCK_EXPIRE, DEFAULT_LOCK_TIMEOUT, LocalSessionLock
+from triggers.registry import TriggersRegistry
 from triggers.types import (
     RESOLVED_STATUSES,
     STATUS_UNSTARTED,
@@ -56,7 +57,7 @@ from triggers.types import (
     task_name_of,
 )
 
-__all__ = ["BaseTriggerStorage", "SessionState", "SessionStep", "StateChanges"]
+__all__ = ["BaseTriggerStorage", "SessionState", "SessionStep", "StateChanges", "storage_backends"]
 
 T = TypeVar("T")
 
@@ -447,6 +448,9 @@ class BaseTriggerStorage:
             )
         held.save_handed()
 
+    def invalidate_cache(self) -> None:
+        """Accepted for compatibility: reads are never cached (each one is fresh)."""
+
     def _held_here(self) -> _Held | None:
         """The lock block this thread holds on this storage object, if any."""
         held = self._held
@@ -796,6 +800,11 @@ class BaseTriggerStorage:
                 f"{', '.join(sorted(step.tasks)) or '(none)'}",
                 session_uid=self.uid, task_name=name,
             ) from None
+
+
+#: Registry of storage backends: ``storage_backends.get('cache', uid)`` (also importable
+#: from :mod:`triggers.storages`).
+storage_backends = TriggersRegistry("triggers.storages", "storage backend")
 
 
 def _clone(instance: TaskInstance) -> TaskInstance:

@@ -40,6 +40,7 @@ from triggers.locking import (
     CacheSessionLock,
     RedisSessionLock,
     held_locks,
+    redis_client_for_cache,
 )
 from triggers.storages.base import (
     BaseTriggerStorage,
@@ -111,7 +112,7 @@ class CacheStorageBackend(BaseTriggerStorage):
             ) from exc
         self.cache_alias = cache
         self.timeout = timeout
-        self._redis = _redis_client(self.cache)
+        self._redis = redis_client_for_cache(self.cache)
         self._prefix = f"triggers:{{{uid}}}:"
 
     def get_options(self) -> dict[str, Any]:
@@ -423,7 +424,7 @@ class CacheStorageBackend(BaseTriggerStorage):
         from django.core.cache import caches
 
         backend = caches[cache]
-        client = _redis_client(backend)
+        client = redis_client_for_cache(backend)
         if client is None:
             raise InvalidArgument(
                 f"Cache {cache!r} is not a Redis cache: its sessions cannot be listed; "
@@ -453,18 +454,3 @@ def _cache_aliases() -> list[str]:
     from django.conf import settings
 
     return list(getattr(settings, "CACHES", {}) or {})
-
-
-def _redis_client(cache: Any) -> Any:
-    """The raw redis-py client behind a Redis cache, or ``None`` for other caches."""
-    try:
-        from django_redis.cache import RedisCache as DjangoRedisCache
-    except ImportError:  # pragma: no cover - django-redis is a dependency
-        DjangoRedisCache = ()  # noqa: N806
-    from django.core.cache.backends.redis import RedisCache as BuiltinRedisCache
-
-    if DjangoRedisCache and isinstance(cache, DjangoRedisCache):
-        return cache.client.get_client(write=True)
-    if isinstance(cache, BuiltinRedisCache):
-        return cache._cache.get_client(write=True)
-    return None
