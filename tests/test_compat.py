@@ -438,7 +438,7 @@ class TestOriginalLockHelpers:
             pass
 
     def test_lockable_is_reentrant_per_thread(self, uid):
-        from triggers.locking import LockAcquisitionFailed, Lockable
+        from triggers.locking import Lockable, LockAcquisitionFailed
 
         class Locker(Lockable):
             def get_lock_name(self):
