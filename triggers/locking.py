@@ -36,6 +36,7 @@ from triggers.exceptions import (
 
 __all__ = [
     "held_locks",
+    "BaseLock",
     "DEFAULT_LOCK_EXPIRE",
     "DEFAULT_LOCK_TIMEOUT",
     "CacheSessionLock",
@@ -47,6 +48,7 @@ __all__ = [
     "SessionLock",
     "acquire_lock",
     "redis_client_for_cache",
+    "reentrant",
     "resolve_cache",
 ]
 
@@ -79,7 +81,9 @@ class SessionLock(Protocol):
     def hold(self) -> Any: ...
 
 
-class _BaseLock:
+class BaseLock:
+    """An expiring lock held by one thread; subclasses implement ``_acquire`` / ``_release``."""
+
     def __init__(self, name: str, session_uid: str, expire: int, timeout: float) -> None:
         self.name = name
         self.session_uid = session_uid
@@ -149,7 +153,7 @@ class _PollingRedisLock(redis_lock.Lock):  # type: ignore[misc]
             delay = min(delay * 2, 0.05)
 
 
-class RedisSessionLock(_BaseLock):
+class RedisSessionLock(BaseLock):
     """python-redis-lock with expiry, automatic renewal and a bounded, polling wait."""
 
     def __init__(self, client: Any, name: str, session_uid: str,
@@ -181,7 +185,7 @@ class RedisSessionLock(_BaseLock):
             pass
 
 
-class CacheSessionLock(_BaseLock):
+class CacheSessionLock(BaseLock):
     """A lock on any Django cache, built on the atomic ``cache.add``.
 
     Atomic across processes wherever ``cache.add`` is (Redis, Memcached, the
@@ -211,7 +215,17 @@ class CacheSessionLock(_BaseLock):
             self._cache.delete(self.name)
 
 
-class LocalSessionLock(_BaseLock):
+@contextmanager
+def reentrant(lock: BaseLock) -> Iterator[None]:
+    """Hold ``lock``, unless this thread holds it already (then just run the block)."""
+    if lock.name in _held_set():
+        yield
+        return
+    with lock.hold():
+        yield
+
+
+class LocalSessionLock(BaseLock):
     """A lock within one process, for storages that live in this process only."""
 
     _locks: dict[str, threading.Lock] = {}

@@ -163,11 +163,7 @@ class TriggerManager:
 
         clone = self.storage.transact(replay)
 
-        def after_commit() -> None:
-            self._dispatch([clone])
-            self._post_replay(clone)
-
-        self.storage.on_commit(after_commit)
+        self.storage.on_commit(lambda: self._run_hooks(lambda: self._post_replay(clone), [clone]))
         return clone
 
     def skip_failed_instance(self, failed_instance: TaskInstance | str, cascade: bool = False,
@@ -186,7 +182,8 @@ class TriggerManager:
 
         instance, fired = self.storage.transact(skip)
         self._after_step(fired)
-        self.storage.on_commit(lambda: self._post_skip(instance, cascade))
+        self.storage.on_commit(lambda: self._run_hooks(lambda: self._post_skip(instance, cascade),
+                                                       []))
         return instance
 
     def update_instance_status(self, task_instance: TaskInstance | str, status: TaskStatus | str,
@@ -576,12 +573,33 @@ class TriggerManager:
         if not fired:
             return
 
-        def after_commit() -> None:
-            self._dispatch([instance for _, scheduled in fired for instance in scheduled])
+        def hooks() -> None:
             for trigger_name, scheduled in fired:
                 self._post_fire(trigger_name, scheduled)
 
-        self.storage.on_commit(after_commit)
+        dispatch = [instance for _, scheduled in fired for instance in scheduled]
+        self.storage.on_commit(lambda: self._run_hooks(hooks, dispatch))
+
+    def _run_hooks(self, hooks: Callable[[], None], dispatch: list[TaskInstance]) -> None:
+        """Dispatch what a step scheduled, then run its hooks, under the session's hook lock.
+
+        Hooks of one session thus run one at a time, across threads and processes,
+        in causal order (a cascade's hooks after those of the step that dispatched
+        its task), and each reads the session afresh, seeing every change made
+        before it: a check-then-fire in a hook (the cookbook's
+        FinalizingTriggerManager) acts once. A manager that overrides no hook
+        takes no lock.
+        """
+        if not self._overrides_hooks():
+            self._dispatch(dispatch)
+            return
+        with self.storage.hook_lock():
+            self._dispatch(dispatch)
+            hooks()
+
+    def _overrides_hooks(self) -> bool:
+        return any(getattr(getattr(self, hook), "__func__", None) is not getattr(TriggerManager, hook)
+                   for hook in ("_post_fire", "_post_replay", "_post_skip"))
 
     def _dispatch(self, instances: Iterable[TaskInstance]) -> None:
         """Hand stored, scheduled instances to their runners (never under the lock).

@@ -7,7 +7,7 @@ from django.db import models
 from triggers import _json as stored_json
 from triggers.types import RESOLVED_STATUSES, TaskStatus
 
-__all__ = ["TriggerInstance", "TriggerSession"]
+__all__ = ["TriggerInstance", "TriggerLock", "TriggerSession"]
 
 STATUS_CHOICES = [(status.value, status.value) for status in TaskStatus]
 
@@ -69,3 +69,19 @@ class TriggerInstance(models.Model):
     @property
     def is_resolved(self) -> bool:
         return self.status in {status.value for status in RESOLVED_STATUSES}
+
+
+class TriggerLock(models.Model):
+    """An expiring named lock of the database storage (e.g. a session's hook lock)."""
+
+    name = models.CharField(max_length=255, primary_key=True)
+    #: The holder's random token.
+    owner = models.CharField(max_length=64)
+    #: Epoch seconds after which the lock is free, unless its holder renewed it.
+    expires = models.FloatField()
+
+    class Meta:
+        verbose_name = "trigger lock"
+
+    def __str__(self) -> str:
+        return self.name

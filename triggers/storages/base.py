@@ -44,7 +44,13 @@ from triggers.exceptions import (
     LockNotReentrant,
     StorageError,
 )
-from triggers.locking import DEFAULT_LOCK_EXPIRE, DEFAULT_LOCK_TIMEOUT, LocalSessionLock
+from triggers.locking import (
+    DEFAULT_LOCK_EXPIRE,
+    DEFAULT_LOCK_TIMEOUT,
+    BaseLock,
+    LocalSessionLock,
+    reentrant,
+)
 from triggers.registry import TriggersRegistry
 from triggers.types import (
     RESOLVED_STATUSES,
@@ -500,6 +506,20 @@ class BaseTriggerStorage:
         lock = LocalSessionLock(f"triggers:{type(self).__name__}:{self.uid}", self.uid,
                                 self.lock_expire, self.lock_timeout)
         return lock.hold()
+
+    def hook_lock(self) -> AbstractContextManager[Any]:
+        """The lock under which a manager runs this session's hooks, one at a time.
+
+        Re-entrant within the thread that holds it (a hook may fire triggers whose
+        hooks run nested). Shared by every process that shares the storage: Redis
+        or the cache for the cache storage, a row for the database storage; this
+        default serialises the threads of one process only.
+        """
+        return reentrant(self._hook_lock())
+
+    def _hook_lock(self) -> BaseLock:
+        return LocalSessionLock(f"triggers:hooks:{type(self).__name__}:{self.uid}", self.uid,
+                                self.lock_expire, self.lock_timeout)
 
     def _read_state(self) -> SessionState:
         """Read configuration, metadata and open instances (one round trip)."""

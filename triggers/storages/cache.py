@@ -37,6 +37,7 @@ from triggers.exceptions import (
 from triggers.locking import (
     DEFAULT_LOCK_EXPIRE,
     DEFAULT_LOCK_TIMEOUT,
+    BaseLock,
     CacheSessionLock,
     RedisSessionLock,
     held_locks,
@@ -150,6 +151,13 @@ class CacheStorageBackend(BaseTriggerStorage):
                                     self.lock_timeout).hold()
         return CacheSessionLock(self.cache, name, self.uid, self.lock_expire,
                                 self.lock_timeout).hold()
+
+    def _hook_lock(self) -> BaseLock:
+        name = self._key("hooks")
+        if self._redis is not None:
+            return RedisSessionLock(self._redis, name, self.uid, self.lock_expire,
+                                    self.lock_timeout)
+        return CacheSessionLock(self.cache, name, self.uid, self.lock_expire, self.lock_timeout)
 
     def _get_raw(self, keys: list[str]) -> list[Any]:
         try:

@@ -16,6 +16,11 @@ instances are handed to the runner only once that transaction commits.
 
 from __future__ import annotations
 
+import logging
+import random
+import secrets
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -23,8 +28,8 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from triggers.exceptions import InvalidArgument, LockTimeout, StorageError
-from triggers.locking import DEFAULT_LOCK_EXPIRE, DEFAULT_LOCK_TIMEOUT
+from triggers.exceptions import InvalidArgument, LockError, LockTimeout, StorageError
+from triggers.locking import DEFAULT_LOCK_EXPIRE, DEFAULT_LOCK_TIMEOUT, BaseLock
 from triggers.storages.base import (
     BaseTriggerStorage,
     SessionState,
@@ -34,7 +39,9 @@ from triggers.storages.base import (
 )
 from triggers.types import TaskConfig, TaskInstance
 
-__all__ = ["DatabaseStorageBackend"]
+__all__ = ["DatabaseLock", "DatabaseStorageBackend"]
+
+logger = logging.getLogger(__name__)
 
 
 class DatabaseStorageBackend(BaseTriggerStorage):
@@ -134,6 +141,10 @@ class DatabaseStorageBackend(BaseTriggerStorage):
     def on_commit(self, callback: Callable[[], None]) -> None:
         transaction.on_commit(callback, using=self.using)
 
+    def _hook_lock(self) -> BaseLock:
+        return DatabaseLock(self.using, f"hooks:{self.uid}", self.uid, self.lock_expire,
+                            self.lock_timeout)
+
     # -- primitives -----------------------------------------------------------
 
     def _read_state(self) -> SessionState:
@@ -211,6 +222,86 @@ class DatabaseStorageBackend(BaseTriggerStorage):
         """Remove everything this session stored."""
         session_model, _ = self._models()
         session_model.objects.using(self.using).filter(uid=self.uid).delete()
+        DatabaseLock._model().objects.using(self.using).filter(name=f"hooks:{self.uid}").delete()
+
+
+class DatabaseLock(BaseLock):
+    """An expiring lock held as a row of ``triggers_triggerlock`` (no Redis needed).
+
+    Taken by inserting the row, or by taking over a row whose ``expires`` has
+    passed, each in a short transaction of its own; renewed by a thread of the
+    holder every third of ``expire``; released by deleting the row it owns.
+    """
+
+    def __init__(self, using: str, name: str, session_uid: str,
+                 expire: int = DEFAULT_LOCK_EXPIRE, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        super().__init__(name, session_uid, expire, timeout)
+        self.using = using
+        self._token = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    @staticmethod
+    def _model() -> Any:
+        from triggers.models import TriggerLock
+
+        return TriggerLock
+
+    def _try(self) -> bool:
+        from django.db import DatabaseError
+
+        rows = self._model().objects.using(self.using)
+        stamp = time.time()
+        try:
+            with transaction.atomic(using=self.using):
+                if rows.filter(name=self.name, expires__lt=stamp).update(
+                        owner=self._token, expires=stamp + self.expire):
+                    return True
+                with transaction.atomic(using=self.using):
+                    rows.create(name=self.name, owner=self._token, expires=stamp + self.expire)
+                return True
+        except IntegrityError:
+            return False
+        except DatabaseError as exc:
+            if _is_lock_timeout(exc):
+                return False  # SQLite's write lock was busy: try again
+            raise LockError(f"Could not take the lock {self.name!r} of session "
+                            f"{self.session_uid!r}: {type(exc).__name__}: {exc}",
+                            session_uid=self.session_uid) from exc
+
+    def _acquire(self) -> bool:
+        deadline = time.monotonic() + self.timeout
+        delay = 0.002
+        while not self._try():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+        self._stop.clear()
+        self._renewer = threading.Thread(target=self._renew, daemon=True,
+                                         name=f"triggers-lock-renewer:{self.name}")
+        self._renewer.start()
+        return True
+
+    def _renew(self) -> None:
+        from django.db import connections
+
+        try:
+            while not self._stop.wait(self.expire / 3):
+                self._model().objects.using(self.using).filter(
+                    name=self.name, owner=self._token).update(expires=time.time() + self.expire)
+        except Exception:  # noqa: BLE001 - the lock then expires by itself
+            logger.warning("Could not renew the lock %r of session %r", self.name,
+                           self.session_uid, exc_info=True)
+        finally:
+            connections[self.using].close()
+
+    def _release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        self._model().objects.using(self.using).filter(
+            name=self.name, owner=self._token).delete()
 
 
 def _is_lock_timeout(exc: Exception) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 from triggers import TriggerManager
 from triggers.storages.base import BaseTriggerStorage
@@ -29,6 +30,14 @@ class FinalizingTriggerManager(TriggerManager):
 
         # If we get here, we are ready to finalize the session.
         self.fire(self.TRIGGER_SESSION_FINALIZED)
+
+
+class SlowFinalizingTriggerManager(FinalizingTriggerManager):
+    """The cookbook's manager with a slow hook: a race between hooks would show."""
+
+    def _post_fire(self, trigger_name, tasks_scheduled):
+        time.sleep(0.05)
+        super()._post_fire(trigger_name, tasks_scheduled)
 
 
 class RecordingTriggerManager(TriggerManager):
