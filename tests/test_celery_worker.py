@@ -137,3 +137,18 @@ def test_killed_worker_leaves_running_and_recovery_reruns(uid, counts):
         rescuer.stop()
     assert counts(uid, "t#0") == 2
     assert storage["t#0"].metadata["attempts"] == 2
+
+
+def test_unregistered_task_fails_the_instance(worker, uid, settings):
+    """A run name only 'the workers' were to know, unknown to the worker too: failed, not stuck."""
+    settings.TRIGGERS = {"ALLOW_UNKNOWN_TASKS": True}
+    manager = TriggerManager(CacheStorageBackend(uid))
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.OnlyOnOtherWorkers",
+                                        "using": "celery"}})
+    manager.fire("go")
+    storage = manager.storage
+    wait_for(lambda: status_of(storage, "t#0") == "failed", message="t#0 to fail")
+    instance = storage["t#0"]
+    assert instance.metadata["exc_type"] == "triggers.exceptions.UnknownTask"
+    assert "tests.OnlyOnOtherWorkers" in instance.metadata["exc_message"]
+    assert "unregistered task" in worker.log().lower()

@@ -458,3 +458,35 @@ class TestOriginalLockHelpers:
 
         with pytest.raises(NotSupported, match="Redis"), acquire_lock("k", cache="locmem"):
             pass
+
+
+# -- run names that no worker knows ------------------------------------------------------
+
+
+def test_unknown_run_is_refused_with_the_app_loaded(manager):
+    from triggers.exceptions import ConfigurationError
+
+    manager.update_configuration({"t": {"after": ["a"], "run": "tests.PassThru"}})
+    with pytest.raises(ConfigurationError) as caught:
+        manager.update_configuration({"t2": {"after": ["a"], "run": "tests.NoSuchTask"}})
+    message = str(caught.value)
+    assert "t2" in message and "run" in message and "tests.NoSuchTask" in message
+    assert "ALLOW_UNKNOWN_TASKS" in message
+    assert list(manager.storage.tasks) == ["t"]
+
+
+def test_allowed_unknown_run_fails_the_instance_on_the_threading_runner(manager, settings):
+    settings.TRIGGERS = {"ALLOW_UNKNOWN_TASKS": True}
+    manager.update_configuration({
+        "t": {"after": ["a"], "run": "tests.NoSuchTask", "onFailure": ["t_failed"]},
+        "t_alert": {"after": ["t_failed"], "run": "tests.PassThru"},
+    })
+    fire_all(manager, "a")
+    instance = manager.storage["t#0"]
+    assert instance.status == "failed"
+    assert instance.metadata["exc_type"] == "triggers.exceptions.UnknownTask"
+    assert "tests.NoSuchTask" in instance.metadata["exc_message"]
+    assert "dispatch_error" not in instance.metadata
+    # It failed like any failure: onFailure fired, and it can be replayed or skipped.
+    assert manager.storage["t_alert#0"].status == "finished"
+    assert instance.can_replay

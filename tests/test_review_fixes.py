@@ -146,13 +146,14 @@ def test_recovery_clears_a_past_start_after(uid):
 
 
 def test_celery_runner_refuses_unknown_tasks(uid):
-    """The Celery runner sends messages only to registered TriggerTasks."""
+    """A configuration may only run registered TriggerTasks; an unknown name is refused."""
+    from triggers.exceptions import ConfigurationError
+
     manager = TriggerManager(CacheStorageBackend(uid))
-    manager.update_configuration({"t": {"after": ["go"], "run": "tests.nothing_here",
-                                        "using": "celery"}})
-    manager.fire("go")
-    error = manager.storage["t#0"].metadata["dispatch_error"]
-    assert "UnknownTask" in error and "tests.nothing_here" in error
+    with pytest.raises(ConfigurationError, match=r"t.*run.*tests\.nothing_here"):
+        manager.update_configuration({"t": {"after": ["go"], "run": "tests.nothing_here",
+                                            "using": "celery"}})
+    assert manager.storage.tasks == {}
 
 
 def test_flow_restart_is_a_new_run_and_names_are_checked():

@@ -46,6 +46,9 @@ DEFAULTS: dict[str, Any] = {
     "LOCK_TIMEOUT": 60,
     # Seconds an instance must be stuck (scheduled or running) before recovery takes it.
     "RECOVER_AFTER": 300,
+    # Accept 'run' names this process's Celery app does not know (tasks that only the
+    # workers import); a worker that does not know one either fails the instance.
+    "ALLOW_UNKNOWN_TASKS": False,
 }
 
 

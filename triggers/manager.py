@@ -23,6 +23,7 @@ from triggers.exceptions import (
     InvalidArgument,
     InvalidInstanceStatus,
     InvalidTrigger,
+    UnknownTask,
 )
 from triggers.registry import TriggersRegistry
 from triggers.storages import storage_backends
@@ -392,18 +393,42 @@ class TriggerManager:
         self._record_run_outcome(started, finish)
 
     def _fail_instance(self, started: TaskInstance, exc: BaseException, log_level: int) -> None:
-        context = getattr(exc, "context", None)
-        meta: dict[str, Any] = {
-            "exc_type": _exception_type(type(exc)),
-            "exc_message": str(exc),
-            "exc_traceback": "".join(traceback_module.format_exception(exc)),
-            "finished": now(),
-        }
-        if isinstance(context, Mapping):
-            meta["exc_context"] = _json_copy_lenient(context)
+        meta = _failure_metadata(exc)
         self._end_running(started, STATUS_FAILED, meta, log_level, outcome={
             "instance": started.name, "exc_type": meta["exc_type"],
             "exc_message": meta["exc_message"]})
+
+    def fail_scheduled_instance(self, task_instance: TaskInstance | str,
+                                exc: BaseException) -> TaskInstance | None:
+        """Mark a ``scheduled`` instance that can never run ``failed`` with ``exc``.
+
+        For an instance whose task no worker knows (the runner could not find it,
+        or a worker reported it unregistered). Fires its ``onFailure`` /
+        ``onComplete`` triggers. An instance that is no longer scheduled is left
+        alone (returns ``None``).
+        """
+        name = self._instance_name(task_instance)
+        meta = _failure_metadata(exc, with_traceback=False)
+
+        def fail(step: SessionStep) -> tuple[TaskInstance | None, Fired]:
+            instance = step.instance(name)
+            if instance.status != STATUS_SCHEDULED:
+                return None, []
+            instance.set_status(STATUS_FAILED, **meta)
+            instance.metadata.pop("dispatch_error", None)
+            step.save(instance)
+            outcome = {"instance": name, "exc_type": meta["exc_type"],
+                       "exc_message": meta["exc_message"]}
+            for directive in (DIRECTIVE_ON_FAILURE, DIRECTIVE_ON_COMPLETE):
+                self._fire_outcome(step, instance, directive, outcome)
+            return instance, step.fired
+
+        instance, fired = self.storage.transact(fail)
+        if instance is not None:
+            logger.error("%s of session %r failed: it can never run: %s", name,
+                         self.storage.uid, exc)
+            self._after_step(fired)
+        return instance
 
     def _skip_running_instance(self, started: TaskInstance, metadata: Kwargs, log_level: int
                                ) -> None:
@@ -611,6 +636,9 @@ class TriggerManager:
             runner_name = instance.metadata.get("runner") or self.default_task_runner_name
             try:
                 runners.get_runner(runner_name).run(self, instance)
+            except UnknownTask as exc:
+                # No retry can help: the instance can never run.
+                self.fail_scheduled_instance(instance.name, exc)
             except Exception as exc:  # noqa: BLE001 - recorded, and logged with traceback
                 logger.exception("Could not dispatch %s of session %r with runner %r",
                                  instance.name, self.storage.uid, runner_name)
@@ -686,6 +714,18 @@ def _exception_type(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _failure_metadata(exc: BaseException, with_traceback: bool = True) -> Kwargs:
+    """What a failed instance's metadata records about the exception."""
+    meta: Kwargs = {"exc_type": _exception_type(type(exc)), "exc_message": str(exc),
+                    "finished": now()}
+    if with_traceback:
+        meta["exc_traceback"] = "".join(traceback_module.format_exception(exc))
+    context = getattr(exc, "context", None)
+    if isinstance(context, Mapping) and context:
+        meta["exc_context"] = _json_copy_lenient(context)
+    return meta
+
+
 def _qualname(cls: type) -> str:
     module = cls.__module__
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
@@ -700,15 +740,25 @@ def _json_copy_lenient(value: Mapping[str, Any]) -> Any:
 
 
 def _check_task(run: str) -> str | None:
-    """What is wrong with a ``run`` target that the current Celery app knows, if anything.
+    """What is wrong with a ``run`` target, if anything.
 
-    A name the app does not know (yet) passes: worker-only task modules are often
-    not imported by web processes. It is checked again when dispatched.
+    With a project's Celery app loaded (its tasks imported), the name must be a
+    registered TriggerTask, unless ``TRIGGERS['ALLOW_UNKNOWN_TASKS']`` lets names
+    that only the workers import through. Without an app nothing can be checked.
     """
     from triggers.task import TriggerTask
 
     task = runners.find_task(run)
-    if task is not None and not isinstance(task, TriggerTask):
+    if task is None:
+        if runners.celery_app_loaded() and not runners.allow_unknown_tasks():
+            from celery import current_app
+
+            return (f"no Celery task named {run!r} is registered with the Celery app "
+                    f"{current_app.main!r}; define it as a TriggerTask in a module the app "
+                    "imports (autodiscover_tasks()), or set TRIGGERS['ALLOW_UNKNOWN_TASKS'] = "
+                    "True if only the workers import it")
+        return None
+    if not isinstance(task, TriggerTask):
         return (f"Celery task {run!r} is a {type(task).__name__}, not a TriggerTask; "
                 "only TriggerTask subclasses can be run by triggers")
     return None

@@ -105,6 +105,24 @@ class BaseTaskRunner:
 _imported_default_modules = False
 
 
+def celery_app_loaded() -> bool:
+    """Whether a project's Celery app is the current app (not Celery's fallback app)."""
+    from celery import current_app
+
+    return current_app.main not in (None, "default")
+
+
+def allow_unknown_tasks() -> bool:
+    """``TRIGGERS['ALLOW_UNKNOWN_TASKS']``: send ``run`` names this process does not know."""
+    from django.conf import settings
+
+    if not settings.configured:
+        return False
+    from triggers.conf import triggers_settings
+
+    return bool(triggers_settings.ALLOW_UNKNOWN_TASKS)
+
+
 def find_task(name: str) -> Any:
     """The task called ``name`` in the current Celery app, or ``None``.
 
@@ -128,13 +146,20 @@ class CeleryTaskRunner(BaseTaskRunner):
     name = "celery"
 
     def run(self, manager: TriggerManager, task_instance: TaskInstance) -> None:
-        # resolve() checks that the name is a registered TriggerTask: a configuration
-        # must not be able to send a message to any other task.
-        task = self.resolve(task_instance.config.run)
         message = manager.build_task_message(task_instance)
         wait = _seconds_to_wait(task_instance)
         options: dict[str, Any] = {"countdown": wait} if wait > 0 else {}
-        task.apply_async(kwargs=message, **options)
+        target = task_instance.config.run
+        if find_task(target) is None and allow_unknown_tasks():
+            # Split deployment: only the workers import the task; they check it (an
+            # unregistered name makes the instance fail, see triggers.tasks).
+            from celery import current_app
+
+            current_app.send_task(target, kwargs=message, **options)
+            return
+        # resolve() checks that the name is a registered TriggerTask: a configuration
+        # must not be able to send a message to any other task.
+        self.resolve(target).apply_async(kwargs=message, **options)
 
 
 class ThreadingTaskRunner(BaseTaskRunner):
