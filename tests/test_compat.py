@@ -490,3 +490,45 @@ def test_allowed_unknown_run_fails_the_instance_on_the_threading_runner(manager,
     # It failed like any failure: onFailure fired, and it can be replayed or skipped.
     assert manager.storage["t_alert#0"].status == "finished"
     assert instance.can_replay
+
+
+# -- layout ---------------------------------------------------------------------------------
+
+
+def test_core_imports_nothing_from_contrib_when_django_starts():
+    import subprocess
+    import sys
+
+    code = ("import django, sys; django.setup(); import triggers.manager, triggers.storages.cache, "
+            "triggers.storages.database, triggers.task, triggers.admin; "
+            "print(sorted(m for m in sys.modules if m.startswith('triggers.contrib') "
+            "or m in ('triggers.flow', 'triggers.demo')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**__import__("os").environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_only_contrib_configures_django_or_migrates():
+    from pathlib import Path
+
+    import triggers
+
+    root = Path(triggers.__file__).parent
+    offenders = [str(path.relative_to(root)) for path in root.rglob("*.py")
+                 if "contrib" not in path.parts and "migrations" not in path.parts
+                 and ("settings.configure(" in path.read_text()
+                      or 'call_command("migrate"' in path.read_text())]
+    assert offenders == []
+
+
+def test_flow_and_demo_aliases():
+    from triggers import flow
+    from triggers.contrib import flow as contrib_flow
+
+    assert flow is contrib_flow
+    assert flow.Eventor is flow.Flow
+    import triggers.demo
+
+    assert callable(triggers.demo.main)

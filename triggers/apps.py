@@ -11,5 +11,6 @@ class TriggersConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Registers the system checks and the built-in tasks (triggers.noop, triggers.flow.step).
-        from triggers import checks, flow, tasks  # noqa: F401
+        # Registers the system checks and the built-in task triggers.noop. (The flow
+        # API's step task registers itself when a program imports triggers.flow.)
+        from triggers import checks, tasks  # noqa: F401

@@ -190,7 +190,7 @@ class ThreadingTaskRunner(BaseTaskRunner):
                 with self._guard:
                     self._errors.append(exc)
             finally:
-                _close_thread_connections()
+                close_thread_connections()
 
         thread = threading.Thread(target=target, name=f"triggers:{uid}:{name}", daemon=True)
         with self._guard:
@@ -239,7 +239,7 @@ def _seconds_to_wait(task_instance: TaskInstance) -> float:
     return max(0.0, round(start_after - time.time(), 3)) if start_after is not None else 0.0
 
 
-def _close_thread_connections() -> None:
+def close_thread_connections() -> None:
     """Close the database connections this runner thread opened (if Django has any)."""
     from django.conf import settings
 

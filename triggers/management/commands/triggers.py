@@ -209,7 +209,7 @@ class Command(BaseCommand):
         import uuid
 
         from triggers.conf import triggers_settings
-        from triggers.demo import run_demo
+        from triggers.contrib.demo import run_demo
         from triggers.manager import build_manager
 
         manager = build_manager("finalizing", triggers_settings.STORAGE,
