@@ -55,14 +55,15 @@ autodoc_inherit_docstrings = False
 # Types from the standard library and third-party packages cannot be linked
 # without intersphinx (the build runs offline); they are shown as plain text.
 nitpick_ignore_regex = [
-    (r"py:class", r"(collections\.abc|contextlib|enum|logging)\.\w+"),
+    (r"py:class", r"(collections\.abc|contextlib|enum|logging|datetime|abc|threading)\.\w+"),
+    (r"py:func", r"unittest\.mock\..+"),
     (r"py:class", r"(celery|class_registry)\..+"),
     # Django's classes (base classes of the models, check messages).
     (r"py:class", r"django\..+"),
     # The type variable of triggers.exceptions.with_context.
     (r"py:class", r"triggers\.exceptions\.E"),
     # Type variables of generic helpers.
-    (r"py:class", r"triggers\.storages\.(base|cache)\.T"),
+    (r"py:class", r"triggers\.(storages\.(base|cache)|testing)\.T"),
 ]
 
 

@@ -281,7 +281,8 @@ def acquire_lock(key: str, ttl: int | bool | None = True, cache: Any = "default"
     ``ttl``: seconds until the lock expires (``True``: the cache's default timeout;
     ``None``: never; ``False``: take no lock at all). ``block=False`` raises
     :class:`LockAcquisitionFailed` at once if another holder has it. Raises
-    :class:`NotSupported` for a cache that is not Redis.
+    :class:`~triggers.exceptions.LockNotSupported` (``NotSupported``) for a cache that
+    is not Redis.
     """
     backend = resolve_cache(cache)
     client = redis_client_for_cache(backend)
@@ -309,7 +310,7 @@ class Lockable:
     """Base for objects that take a distributed lock of their own (the original's mixin).
 
     :meth:`acquire_lock` is re-entrant within the thread that holds it.
-    Subclasses implement :meth:`get_lock_name`.
+    Subclasses implement ``get_lock_name()``.
     """
 
     @contextmanager
