@@ -183,28 +183,58 @@ def test_failure_with_a_handler_counts_as_handled():
 
 
 def test_unhandled_failure_and_stop_on_exception():
-    """An unhandled failure makes the run return False and stops new steps from starting."""
+    """A failure that fires no event makes the run return False and stops new steps."""
     rec = Recorder()
-    ev = evr.Flow(name=unique(), store=":memory:",
-                  config={"max_concurrent": 1, "stop_on_exception": True})
-    go, after = ev.add_event("go"), ev.add_event("after")
-    ev.add_assoc(go, ev.add_step("bad", rec.prog, kwargs={"progname": "bad", "fail": True},
-                                 triggers={evr.StepTriggers.at_complete: (after,)}))
-    ev.add_assoc(after, ev.add_step("next", rec.prog, kwargs={"progname": "next"}))
+    ev = evr.Flow(name=unique(), store=":memory:", config={"stop_on_exception": True})
+    go = ev.add_event("go")
+    ev.add_assoc(go, ev.add_step("bad", rec.prog, kwargs={"progname": "bad", "fail": True}))
+    ev.add_assoc(go, ev.add_step("later", rec.prog, kwargs={"progname": "later"}), delay=0.3)
     ev.trigger_event(go)
     assert ev() is False
     assert rec.calls == ["bad"]
-    assert ev.manager(0).storage["next#0"].status.value == "scheduled"
+    assert ev.manager(0).storage["later#0"].status.value == "scheduled"
 
 
-@pytest.mark.parametrize("limit, expected_max", [(2, 2), (0, 6)])
-def test_max_concurrency(limit, expected_max):
-    """At most max_concurrent steps run at once (no limit below 1)."""
+def test_max_concurrent_is_per_step():
+    """max_concurrent limits the instances of one step (Eventor); different steps run together."""
     rec = Recorder()
-    ev = evr.Flow(name=unique(), store=":memory:", config={"max_concurrent": limit})
+    ev = evr.Flow(name=unique(), store=":memory:", config={"max_concurrent": 1})
+    go = ev.add_event("go")
+    for n in range(4):
+        ev.add_assoc(go, ev.add_step(f"s{n}", rec.prog, kwargs={"progname": n, "sleep": 0.2}))
+    ev.trigger_event(go)
+    assert ev()
+    assert sorted(rec.calls) == list(range(4))
+    assert rec.max_active == 4
+
+
+@pytest.mark.parametrize("flow_limit, step_limit, expected_max", [
+    (None, None, 4), (1, None, 1), (None, 2, 2), (1, 3, 3), (3, -1, 4)])
+def test_max_concurrent_across_sequences(flow_limit, step_limit, expected_max):
+    """One step in four sequences: the flow's max_concurrent is each step's default limit,
+    a step's own max_concurrent overrides it; below 1 (the default) there is no limit."""
+    rec = Recorder()
+    config = {} if flow_limit is None else {"max_concurrent": flow_limit}
+    ev = evr.Flow(name=unique(), store=":memory:", config=config)
+    go = ev.add_event("go")
+    step_config = {} if step_limit is None else {"max_concurrent": step_limit}
+    ev.add_assoc(go, ev.add_step("s", rec.prog, kwargs={"progname": "s", "sleep": 0.15},
+                                 config=step_config))
+    for sequence in range(4):
+        ev.trigger_event(go, sequence)
+    assert ev()
+    assert rec.calls == ["s"] * 4
+    assert rec.max_active == expected_max
+
+
+@pytest.mark.parametrize("workers, expected_max", [(2, 2), (0, 6)])
+def test_max_workers_limits_the_whole_flow(workers, expected_max):
+    """max_workers: at most that many steps of the flow run at once (below 1: no limit)."""
+    rec = Recorder()
+    ev = evr.Flow(name=unique(), store=":memory:", config={"max_workers": workers})
     go = ev.add_event("go")
     for n in range(6):
-        ev.add_assoc(go, ev.add_step(f"s{n}", rec.prog, kwargs={"progname": n, "sleep": 0.3}))
+        ev.add_assoc(go, ev.add_step(f"s{n}", rec.prog, kwargs={"progname": n, "sleep": 0.15}))
     ev.trigger_event(go)
     assert ev()
     assert sorted(rec.calls) == list(range(6))
@@ -280,14 +310,13 @@ def test_recovery_across_processes_with_a_sqlite_store(tmp_path):
 
 
 def test_step_config_stop_on_exception_overrides_the_flow():
-    """A step's own stop_on_exception=False lets the run go on after its failure."""
+    """A step's own stop_on_exception=False lets the run go on after its unhandled failure."""
     rec = Recorder()
     ev = evr.Flow(name=unique(), store=":memory:", config={"stop_on_exception": True})
-    go, after = ev.add_event("go"), ev.add_event("after")
+    go = ev.add_event("go")
     ev.add_assoc(go, ev.add_step("bad", rec.prog, kwargs={"progname": "bad", "fail": True},
-                                 triggers={evr.StepTriggers.at_complete: (after,)},
                                  config={"stop_on_exception": False}))
-    ev.add_assoc(after, ev.add_step("next", rec.prog, kwargs={"progname": "next"}))
+    ev.add_assoc(go, ev.add_step("later", rec.prog, kwargs={"progname": "later"}), delay=0.2)
     ev.trigger_event(go)
     assert ev() is False
-    assert rec.calls == ["bad", "next"]
+    assert rec.calls == ["bad", "later"]
