@@ -64,6 +64,8 @@ nitpick_ignore_regex = [
     (r"py:class", r"triggers\.exceptions\.E"),
     # Type variables of generic helpers.
     (r"py:class", r"triggers\.(storages\.(base|cache)|testing)\.T"),
+    # The private module of record encodings.
+    (r"py:class", r"triggers\.storages\._records\..+"),
 ]
 
 

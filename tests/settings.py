@@ -53,7 +53,8 @@ DATABASES = {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": os.path.join(HERE, "db.sqlite3"),
         "OPTIONS": {"timeout": 30},
-        "TEST": {"NAME": os.path.join(HERE, "test-db.sqlite3")},
+        "TEST": {"NAME": os.environ.get("TRIGGERS_TEST_SQLITE_NAME",
+                                 os.path.join(HERE, "test-db.sqlite3"))},
     },
     # The real PostgreSQL on loopback (trust auth). Child processes of the tests get
     # the name of the test database in TRIGGERS_TEST_PG_NAME.

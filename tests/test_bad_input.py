@@ -693,7 +693,11 @@ def _assert_corrupt_everywhere(manager, storage, message, read_raw, garbage, no_
 @pytest.mark.parametrize("garbage, message", CORRUPT_VALUES)
 def test_corrupt_state_in_redis(storage, redis_server, no_dispatch, trigger_threading_runner,
                                 garbage, message):
-    """Garbage at the session's Redis state key raises CorruptSessionState; it stays as it was."""
+    """A session of the previous layout (one state key) that holds garbage is refused.
+
+    Sessions of release 1 are upgraded when first read; a corrupt one raises
+    CorruptSessionState and stays as it was.
+    """
     key = storage.cache.make_key("triggers:{" + storage.uid + "}:state")
     redis_server.set(key, garbage)
     manager = TriggerManager(storage)
@@ -716,23 +720,26 @@ def test_corrupt_state_in_builtin_redis_cache(uid, redis_server, no_dispatch,
                                lambda: redis_server.get(key), garbage, no_dispatch)
 
 
+_SESSION = {"fmt": 2, "v": None, "n": {}, "k": {}, "m": {}, "o": 0, "h": 0}
+
+
 @pytest.mark.parametrize("garbage, message", [
     pytest.param(b"not json", r"not valid JSON", id="bytes-not-json"),
     pytest.param("not json", r"not valid JSON", id="str-not-json"),
-    pytest.param("[1, 2]", r"expected a JSON object, got list", id="json-list"),
-    pytest.param(json.dumps(_state(v=2)), r"unknown format version 2", id="version-2"),
-    pytest.param(json.dumps(_state(counters={"t_x": 1},
-                                   open={"t_x#0": {"task": "t_x", "status": "scheduled"}})),
-                 r"instance 't_x#0' cannot be read", id="instance-of-unknown-task"),
-    pytest.param(_state(), r"is a dict, not JSON text", id="python-dict"),
+    pytest.param("[1, 2]", r"not an object", id="json-list"),
+    pytest.param(json.dumps({**_SESSION, "v": "0000000000000000"}), r"is corrupt",
+                 id="unknown-configuration"),
+    pytest.param(json.dumps({**_SESSION, "n": {"t_a": "many"}}), r"is corrupt",
+                 id="counter-not-int"),
+    pytest.param({**_SESSION}, r"is a dict, not JSON text", id="python-dict"),
     pytest.param(42, r"is a int, not JSON text", id="python-int"),
     pytest.param(pickle.dumps(_state()), r"not UTF-8 JSON text", id="pickle-bytes"),
 ])
 def test_corrupt_state_in_locmem_cache(uid, no_dispatch, trigger_threading_runner, garbage,
                                        message):
-    """Garbage at the session's LocMem state key raises CorruptSessionState; it stays as it was."""
+    """Garbage at the session's LocMem record raises CorruptSessionState; it stays as it was."""
     storage = CacheStorageBackend(uid, cache="locmem")
-    key = "triggers:{" + uid + "}:state"
+    key = "triggers:{" + uid + "}:s"
     storage.cache.set(key, garbage, timeout=300)
     try:
         _assert_corrupt_everywhere(TriggerManager(storage), storage, message,
@@ -743,12 +750,12 @@ def test_corrupt_state_in_locmem_cache(uid, no_dispatch, trigger_threading_runne
 
 @pytest.mark.parametrize("garbage", [b"not json", b"[]", pickle.dumps({"task": "t_done"})])
 def test_corrupt_resolved_instance_in_redis(ran, storage, redis_server, no_dispatch, garbage):
-    """Garbage at a resolved instance's key raises CorruptSessionState wherever it is read."""
-    key = storage.cache.make_key("triggers:{" + storage.uid + "}:done")
+    """Garbage at a resolved instance's record raises CorruptSessionState wherever it is read."""
+    key = storage.engine.key("d")
     assert redis_server.hget(key, "t_done#0") is not None  # the finished instance is stored there
     redis_server.hset(key, "t_done#0", garbage)
-    state_key = storage.cache.make_key("triggers:{" + storage.uid + "}:state")
-    state_before = redis_server.get(state_key)
+    state_key = storage.engine.key("s")
+    state_before = redis_server.hgetall(state_key)
     for read in (lambda: storage.instances, lambda: storage["t_done#0"],
                  lambda: storage.debug_repr(), lambda: storage.instances_of_task("t_done")):
         with pytest.raises(CorruptSessionState, match=re.escape(f"session '{storage.uid}'")):
@@ -758,7 +765,47 @@ def test_corrupt_resolved_instance_in_redis(ran, storage, redis_server, no_dispa
     with pytest.raises(CorruptSessionState, match=re.escape(storage.uid)):
         ran.update_instance_metadata("t_done#0", {"x": 1})
     assert redis_server.hget(key, "t_done#0") == garbage
-    assert redis_server.get(state_key) == state_before
+    assert redis_server.hgetall(state_key) == state_before
+    assert no_dispatch == []
+
+
+@pytest.mark.parametrize("key, field, garbage, message", [
+    pytest.param("c", None, b"not json", r"not valid JSON", id="configuration-not-json"),
+    pytest.param("c", None, pickle.dumps({"v": 1}), r"not UTF-8 JSON text",
+                 id="configuration-pickle"),
+    pytest.param("c", None, json.dumps({"v": "0" * 16, "tasks": {"t_wait": "tests.Echo"}}),
+                 r"stored configuration is invalid", id="configuration-invalid"),
+    pytest.param("c", None, json.dumps({"v": "1" * 16, "tasks": {}}),
+                 r"not version", id="configuration-other-version"),
+    pytest.param("s", "n:t_wait", b"many", r"counter 'n:t_wait'", id="counter-not-int"),
+    pytest.param("s", "k:b", b"not json", r"not valid JSON", id="latest-kwargs-not-json"),
+    pytest.param("w:t_wait", "t_wait#0", b"not json", r"not valid JSON",
+                 id="waiting-instance-not-json"),
+    pytest.param("w:t_wait", "t_wait#0", json.dumps({"status": "bogus"}),
+                 r"instance 't_wait#0' cannot be read", id="waiting-instance-bad-status"),
+    pytest.param("w:t_wait", "t_wait#0", pickle.dumps({"status": "unstarted"}),
+                 r"not UTF-8 JSON text", id="waiting-instance-pickle"),
+])
+def test_corrupt_records_in_redis(seeded, storage, redis_server, no_dispatch, key, field, garbage,
+                                  message):
+    """Garbage in a session's records raises CorruptSessionState naming the session; nothing
+    is executed or overwritten."""
+    full = storage.engine.key(key)
+    if key == "c":
+        # A configuration version this process has not parsed yet, so that it is read.
+        redis_server.hset(storage.engine.key("s"), "v", "0" * 16)
+        redis_server.set(full, garbage)
+        read_back = lambda: redis_server.get(full)  # noqa: E731
+    else:
+        redis_server.hset(full, field, garbage)
+        read_back = lambda: redis_server.hget(full, field)  # noqa: E731
+    for _attempt in range(2):
+        with pytest.raises(CorruptSessionState, match=message) as info:
+            seeded.fire("b", {"n": 1})
+        assert info.value.session_uid == storage.uid and storage.uid in str(info.value)
+    with pytest.raises(CorruptSessionState, match=re.escape(storage.uid)):
+        storage.debug_repr()
+    assert read_back() == (garbage.encode() if isinstance(garbage, str) else garbage)
     assert no_dispatch == []
 
 

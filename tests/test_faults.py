@@ -143,16 +143,16 @@ def test_redis_stopped_and_restarted_around_fire(own_redis, uid, trigger_threadi
 
     # Connection lost in the middle of fire(): after the read, before the write.
     own_redis.start()
-    original = storage._write_commands
+    original = storage.engine.commit
 
-    def crash_then_write(changes):
+    def crash_then_write(step):
         own_redis.kill()
-        return original(changes)
+        return original(step)
 
-    storage._write_commands = crash_then_write
+    storage.engine.commit = crash_then_write
     with pytest.raises(StorageError, match=uid):
         manager.fire("b", {"y": 2})
-    storage._write_commands = original
+    storage.engine.commit = original
 
     own_redis.start()
     assert storage.debug_repr() == before
@@ -171,7 +171,7 @@ def test_recover_command_lists_sessions(uid, redis_server):
     manager = TriggerManager(CacheStorageBackend(uid))
     manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.Echo"}})
     corrupt = CacheStorageBackend(f"{uid}-corrupt")
-    redis_server.set(corrupt._state_key(), b"not json")
+    redis_server.set(corrupt.engine.key("state"), b"not json")  # the layout of release 1
     assert {uid, corrupt.uid} <= set(CacheStorageBackend.session_uids("default"))
     out, err = StringIO(), StringIO()
     with pytest.raises(CommandError, match=f"could not be recovered: .*{corrupt.uid}"):

@@ -60,26 +60,22 @@ def test_reserved_metadata_is_refused(uid, key):
     assert manager.storage.debug_repr() == before
 
 
-@pytest.mark.parametrize("which", ["state", "done"])
+@pytest.mark.parametrize("which", ["s", "w:t", "d"])
 def test_foreign_redis_types_are_corrupt_not_overwritten(uid, which):
-    """A hash at the state key, or a string at the done key, is reported, never overwritten."""
+    """A string where a session's hash belongs is reported, never overwritten."""
     storage = CacheStorageBackend(uid)
     manager = TriggerManager(storage)
     manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.Echo"}})
-    client = storage._redis
-    if which == "state":
-        client.delete(storage._state_key())
-        client.hset(storage._state_key(), "x", "1")
-    else:
-        client.set(storage._done_key(), "not a hash")
-    with pytest.raises(CorruptSessionState, match=uid):
+    client = storage.engine.client
+    key = storage.engine.key(which)
+    client.delete(key)
+    client.set(key, "not a hash")
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(CorruptSessionState, match=uid):
+        patch.setattr("triggers.runners.ThreadingTaskRunner.run", lambda self, m, i: None)
         manager.fire("a")
-    if which == "state":
-        with pytest.raises(CorruptSessionState, match=uid):
-            storage.tasks  # noqa: B018
-        assert client.type(storage._state_key()) == b"hash"
-    else:
-        assert client.get(storage._done_key()) == b"not a hash"
+        manager.fire("b")
+        storage.debug_repr()
+    assert client.get(key) == b"not a hash"
 
 
 @pytest.mark.parametrize("kind", ["django_redis", "db_sqlite"])
@@ -122,14 +118,15 @@ def test_finalizing_manager_uses_nested_after(uid):
 
 
 def test_long_delay_outlives_the_cache_timeout(uid):
-    """Keys of a session with a pending delay live until the delay is over."""
+    """Keys of a session with a pending delay live until the delay is over (open work)."""
     storage = CacheStorageBackend(uid, timeout=60)
     manager = TriggerManager(storage)
     manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo", "delay": 3600}})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("triggers.runners.ThreadingTaskRunner.run", lambda self, m, i: None)
         manager.fire("go")
-    assert storage._redis.ttl(storage._state_key()) > 3600
+    assert storage.engine.client.ttl(storage.engine.key("s")) == -1
+    assert storage.engine.client.ttl(storage.engine.key("w:t")) == -1
 
 
 def test_recovery_clears_a_past_start_after(uid):

@@ -26,7 +26,11 @@ def close_thread_connections():
 
 
 def raw_redis(storage):
-    return storage._redis
+    return storage.engine.client
+
+
+def key(storage, suffix):
+    return storage.engine.key(suffix)
 
 
 @pytest.mark.parametrize("alias", ["default", "builtin_redis"])
@@ -40,13 +44,19 @@ def test_state_is_json_under_one_hash_tag(alias, uid):
     client = raw_redis(storage)
     keys = sorted(k.decode() for k in client.keys(f"*{{{uid}}}*")
                   if not k.startswith(b"lock"))
-    assert keys == sorted([storage._state_key(), storage._done_key()])
-    values = [client.get(storage._state_key()), client.hget(storage._done_key(), "t#0")]
+    assert keys == sorted(key(storage, suffix) for suffix in ("s", "c", "d", "h"))
+    session = client.hgetall(key(storage, "s"))
+    values = [client.get(key(storage, "c")), client.hget(key(storage, "d"), "t#0"),
+              *(value for field, value in session.items()
+                if field.startswith((b"k:", b"m:", b"i:", b"tasks"))),
+              *client.lrange(key(storage, "h"), 0, -1)]
     for raw in values:
         assert not raw.startswith(b"\x80")  # not a pickle
         json.loads(raw)
-    state = json.loads(client.get(storage._state_key()))
-    assert state["v"] == 1 and state["tasks"]["t"] == {"after": ["a"], "run": "tests.Echo"}
+    config = json.loads(client.get(key(storage, "c")))
+    assert config["tasks"]["t"] == {"after": ["a"], "run": "tests.Echo"}
+    assert client.hget(key(storage, "s"), "v").decode() == config["v"]
+    assert json.loads(client.hget(key(storage, "d"), "t#0"))["status"] == "finished"
 
 
 def test_locmem_is_not_redis(uid):
@@ -54,46 +64,58 @@ def test_locmem_is_not_redis(uid):
     storage = CacheStorageBackend(uid, cache="locmem")
     assert not storage.uses_redis
     TriggerManager(storage).update_configuration(CONFIG)
-    assert json.loads(caches["locmem"].get(storage._state_key()))["tasks"]["t_once"]
+    assert json.loads(caches["locmem"].get(f"triggers:{{{uid}}}:c"))["t_once"]
 
 
 @pytest.mark.parametrize("alias", ["default", "builtin_redis"])
 def test_timeout(alias, uid):
-    """Keys live `timeout` seconds; timeout=None keeps them forever."""
+    """Keys live `timeout` seconds once the session is idle, forever while it has open work;
+    timeout=None keeps them forever."""
     limited = CacheStorageBackend(uid, cache=alias, timeout=120)
-    TriggerManager(limited).update_configuration(CONFIG)
-    assert 0 < raw_redis(limited).ttl(limited._state_key()) <= 120
     manager = TriggerManager(limited)
-    manager.update_instance_status(limited.create_instance("t_once"), "finished")
-    assert 0 < raw_redis(limited).ttl(limited._done_key()) <= 120
+    manager.update_configuration(CONFIG)
+    client = raw_redis(limited)
+    assert 0 < client.ttl(key(limited, "s")) <= 120
+    assert 0 < client.ttl(key(limited, "c")) <= 120
+    instance = limited.create_instance("t_once")  # open: nothing expires
+    assert client.ttl(key(limited, "s")) == -1
+    assert client.ttl(key(limited, "c")) == -1
+    assert client.ttl(key(limited, "w:t_once")) == -1
+    manager.update_instance_status(instance, "finished")  # idle again
+    for suffix in ("s", "c", "d", "h"):
+        assert 0 < client.ttl(key(limited, suffix)) <= 120, suffix
     forever = CacheStorageBackend(uid + "f", cache=alias, timeout=None)
     manager = TriggerManager(forever)
     manager.update_configuration(CONFIG)
     manager.update_instance_status(forever.create_instance("t_once"), "finished")
-    assert raw_redis(forever).ttl(forever._state_key()) == -1
-    assert raw_redis(forever).ttl(forever._done_key()) == -1
+    for suffix in ("s", "c", "d", "h"):
+        assert raw_redis(forever).ttl(key(forever, suffix)) == -1, suffix
 
 
 def test_resolved_instances_are_stored_apart(uid):
-    """Resolved instances leave the session state; open ones stay in it."""
+    """Waiting, active and done instances are kept apart; a fire reads only the waiting ones."""
     storage = CacheStorageBackend(uid)
     manager = TriggerManager(storage)
     manager.update_configuration(CONFIG)
+    client = raw_redis(storage)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("triggers.runners.DEFAULT_TASK_RUNNER", "threading")
+        manager.fire("page", {"n": -1})
+        assert client.hkeys(key(storage, "w:t_pages")) == [b"t_pages#0"]
+        assert client.hkeys(key(storage, "w:t_once")) == [b"t_once#0"]
         manager.fire("start")
-        for n in range(5):
+        for n in range(4):
             manager.fire("page", {"n": n})
         ThreadingTaskRunner.join_all()
-    state = json.loads(raw_redis(storage).get(storage._state_key()))
-    assert state["open"] == {}
-    assert state["counters"] == {"t_pages": 5, "t_once": 1}
+    assert client.hlen(key(storage, "a")) == 0
+    assert not client.exists(key(storage, "w:t_pages"))
+    assert client.hlen(key(storage, "d")) == 6
+    assert client.hget(key(storage, "s"), "n:t_pages") == b"5"
     assert len(storage.instances) == 6
-    # Moving a resolved instance back to an open status moves it back into the state.
+    # Moving a resolved instance back to an open status moves it out of the done hash.
     manager.update_instance_status("t_pages#2", "failed")
-    state = json.loads(raw_redis(storage).get(storage._state_key()))
-    assert list(state["open"]) == ["t_pages#2"]
-    assert raw_redis(storage).hget(storage._done_key(), "t_pages#2") is None
+    assert client.hkeys(key(storage, "a")) == [b"t_pages#2"]
+    assert client.hget(key(storage, "d"), "t_pages#2") is None
     assert storage["t_pages#2"].status.value == "failed"
 
 
@@ -149,7 +171,7 @@ def test_abandoned_redis_lock_expires(uid):
     storage = CacheStorageBackend(uid, lock_expire=2, lock_timeout=10)
     client = raw_redis(storage)
     # A holder that died: its lock key exists and nobody renews or releases it.
-    stale = redis_lock.Lock(client, storage._key("lock"), expire=2)
+    stale = redis_lock.Lock(client, storage.engine.lock_name, expire=2)
     assert stale.acquire(blocking=False)
     started = time.monotonic()
     with storage.acquire_lock():
@@ -203,9 +225,17 @@ def test_pickled_value_is_never_unpickled(uid):
         def __reduce__(self):
             return (exec, ("raise SystemExit('unpickled!')",))
 
-    raw_redis(storage).set(storage._state_key(), pickle.dumps(Boom()))
-    with pytest.raises(CorruptSessionState, match=uid):
-        TriggerManager(storage).fire("a")
+    manager = TriggerManager(storage)
+    manager.update_configuration(CONFIG)
+    manager.fire("page")
+    for where, field in (("c", None), ("w:t_pages", "t_pages#0"), ("s", "k:start")):
+        if field is None:
+            raw_redis(storage).hset(key(storage, "s"), "v", "f" * 16)
+            raw_redis(storage).set(key(storage, where), pickle.dumps(Boom()))
+        else:
+            raw_redis(storage).hset(key(storage, where), field, pickle.dumps(Boom()))
+        with pytest.raises(CorruptSessionState, match=uid):
+            TriggerManager(storage).fire("start")
 
 
 def test_held_lock_is_renewed(uid):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 __all__ = [
     "CacheStorageBackend",
     "DatabaseStorageBackend",
+    "RedisStorageBackend",
     "TaskConfig",
     "TaskContext",
     "TaskInstance",
@@ -39,6 +40,7 @@ _LOCATIONS = {
     "TriggerTask": "triggers.task",
     "TriggersError": "triggers.exceptions",
     "DatabaseStorageBackend": "triggers.storages.database",
+    "RedisStorageBackend": "triggers.storages.redis",
     "get_trigger_manager": "triggers.manager",
     "with_context": "triggers.exceptions",
 }
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from triggers.manager import TriggerManager, get_trigger_manager
     from triggers.storages.cache import CacheStorageBackend
     from triggers.storages.database import DatabaseStorageBackend
+    from triggers.storages.redis import RedisStorageBackend
     from triggers.task import TaskContext, TriggerTask
     from triggers.types import TaskConfig, TaskInstance, TaskStatus
 

@@ -89,18 +89,18 @@ class TriggerSessionAdmin(ReadOnlyAdmin):
 
     @admin.display(description="tasks (configuration)")
     def tasks(self, obj: TriggerSession) -> str:
-        tasks = (obj.state or {}).get("tasks") or {}
+        tasks = obj.config or {}
         rows = format_html_join("", "<tr><td>{}</td><td><code>{}</code></td></tr>",
                                 ((name, json.dumps(entry)) for name, entry in tasks.items()))
         return format_html("<table><tr><th>task</th><th>directives</th></tr>{}</table>", rows)
 
     @admin.display(description="latest kwargs")
     def latest_kwargs(self, obj: TriggerSession) -> str:
-        return _pretty((obj.state or {}).get("kwargs") or {})
+        return _pretty((obj.state or {}).get("k") or {})
 
     @admin.display(description="instance counters")
     def counters(self, obj: TriggerSession) -> str:
-        return _pretty((obj.state or {}).get("counters") or {})
+        return _pretty((obj.state or {}).get("n") or {})
 
 
 class UnresolvedFilter(admin.SimpleListFilter):

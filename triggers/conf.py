@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "LOCK_TIMEOUT": 60,
     # Seconds an instance must be stuck (scheduled or running) before recovery takes it.
     "RECOVER_AFTER": 300,
+    # History events kept per session (the oldest are dropped); 0: keep no history.
+    "HISTORY_LIMIT": 1000,
     # Accept 'run' names this process's Celery app does not know (tasks that only the
     # workers import); a worker that does not know one either fails the instance.
     "ALLOW_UNKNOWN_TASKS": False,
@@ -84,6 +86,8 @@ class TriggersSettings:
                                    "lock_timeout": self.LOCK_TIMEOUT}
         if storage == "cache":
             options.update(cache=self.CACHE, timeout=self.TIMEOUT)
+        elif storage == "redis":
+            options.update(timeout=self.TIMEOUT)
         elif storage == "db":
             options.update(using=self.DATABASE)
         if storage == self.STORAGE:

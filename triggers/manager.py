@@ -27,7 +27,7 @@ from triggers.exceptions import (
 )
 from triggers.registry import TriggersRegistry
 from triggers.storages import storage_backends
-from triggers.storages.base import BaseTriggerStorage, SessionStep
+from triggers.storages.base import BaseTriggerStorage, SessionStep, Want
 from triggers.types import (
     DIRECTIVE_ON_COMPLETE,
     DIRECTIVE_ON_FAILURE,
@@ -46,6 +46,7 @@ from triggers.types import (
     TaskInstance,
     TaskStatus,
     now,
+    task_name_of,
 )
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class TriggerManager:
             self._apply_trigger(step, trigger_name, kwargs)
             return step.fired
 
-        fired = self.storage.transact(apply)
+        fired = self.storage.transact(apply, Want(triggers=[trigger_name]))
         self._after_step(fired)
         return fired[0][1]
 
@@ -133,12 +134,12 @@ class TriggerManager:
         kwargs = self._check_trigger(trigger_name, trigger_kwargs)
 
         def apply(step: SessionStep) -> Fired | None:
-            if trigger_name in step.latest_kwargs:
+            if step.latest(trigger_name) is not None:
                 return None
             self._apply_trigger(step, trigger_name, kwargs)
             return step.fired
 
-        fired = self.storage.transact(apply)
+        fired = self.storage.transact(apply, Want(triggers=[trigger_name]))
         if fired is None:
             return None
         self._after_step(fired)
@@ -162,7 +163,8 @@ class TriggerManager:
             self._require(failed, failed.can_replay, "replayed", "only failed instances")
             return self._replace_instance(step, failed, replacement, {})
 
-        clone = self.storage.transact(replay)
+        clone = self.storage.transact(replay, Want(instances=[name],
+                                                    counters=[task_name_of(name)]))
 
         self.storage.on_commit(lambda: self._run_hooks(lambda: self._post_replay(clone), [clone]))
         return clone
@@ -181,7 +183,8 @@ class TriggerManager:
                 self._apply_trigger(step, instance.task_name, result_kwargs)
             return instance, step.fired
 
-        instance, fired = self.storage.transact(skip)
+        instance, fired = self.storage.transact(skip, Want(
+            instances=[name], triggers=[task_name_of(name)] if cascade else []))
         self._after_step(fired)
         self.storage.on_commit(lambda: self._run_hooks(lambda: self._post_skip(instance, cascade),
                                                        []))
@@ -207,7 +210,8 @@ class TriggerManager:
                 self._apply_trigger(step, instance.task_name, cascade_args)
             return instance, step.fired
 
-        instance, fired = self.storage.transact(update)
+        instance, fired = self.storage.transact(update, Want(
+            instances=[name], triggers=[task_name_of(name)] if cascade else []))
         self._after_step(fired)
         return instance
 
@@ -226,7 +230,7 @@ class TriggerManager:
             step.save(instance)
             return instance
 
-        return self.storage.transact(update)
+        return self.storage.transact(update, Want(instances=[name]))
 
     def mark_instance_logs_resolved(self, task_instance: TaskInstance | str) -> TaskInstance:
         """Mark an instance's log messages as looked at (see get_instances_with_unresolved_logs)."""
@@ -259,7 +263,7 @@ class TriggerManager:
 
         def find_stuck(step: SessionStep) -> list[TaskInstance]:
             stuck: list[TaskInstance] = []
-            for instance in list(step.state.open.values()):
+            for instance in step.open_instances():
                 if instance.status == STATUS_SCHEDULED:
                     # One waiting out its delay or cooldown is not stuck until that ends.
                     since = max(float(instance.start_after or 0), float(instance.metadata.get(
@@ -276,6 +280,7 @@ class TriggerManager:
                 instance.set_status(STATUS_SCHEDULED, scheduled=now(), recovered_from=previous,
                                     recoveries=int(instance.metadata.get("recoveries", 0)) + 1)
                 step.save(instance)
+                step.note(instance, "recovered")
                 stuck.append(instance)
             return stuck
 
@@ -370,7 +375,7 @@ class TriggerManager:
             self._fire_outcome(step, instance, DIRECTIVE_ON_START, {"instance": instance.name})
             return instance.copy(), step.fired
 
-        started, fired = self.storage.transact(start)
+        started, fired = self.storage.transact(start, Want(instances=[name]))
         if started is None:
             logger.warning(
                 "Ignoring a delivery of %s in session %r: it is not scheduled (a duplicate "
@@ -423,7 +428,7 @@ class TriggerManager:
                 self._fire_outcome(step, instance, directive, outcome)
             return instance, step.fired
 
-        instance, fired = self.storage.transact(fail)
+        instance, fired = self.storage.transact(fail, Want(instances=[name]))
         if instance is not None:
             logger.error("%s of session %r failed: it can never run: %s", name,
                          self.storage.uid, exc)
@@ -459,7 +464,8 @@ class TriggerManager:
             apply(step, instance)
             return step.fired
 
-        fired = self.storage.transact(step_function)
+        fired = self.storage.transact(step_function, Want(instances=[started.name],
+                                                          triggers=[started.task_name]))
         if fired is None:
             self._log_stale_outcome(started)
             return
@@ -481,7 +487,8 @@ class TriggerManager:
             return self._replace_instance(step, instance, replacement_kwargs, dict(meta),
                                           retry=True, cooldown=cooldown)
 
-        clone = self.storage.transact(retry)
+        clone = self.storage.transact(retry, Want(instances=[started.name],
+                                                  counters=[started.task_name]))
         if clone is None:
             self._log_stale_outcome(started)
             return None
@@ -506,12 +513,9 @@ class TriggerManager:
                 "(onReady, onStart …) form a loop. Nothing was changed.",
                 session_uid=self.storage.uid,
             )
-        latest = step.latest_kwargs
         touched: list[TaskInstance] = []
-        for config in step.tasks.values():
-            if not config.uses_trigger(trigger_name):
-                continue
-            touched += self._apply_to_task(step, config, trigger_name, kwargs, latest)
+        for config in step.reacting(trigger_name):
+            touched += self._apply_to_task(step, config, trigger_name, kwargs)
         step.set_latest_kwargs(trigger_name, kwargs)
         scheduled = []
         for instance in touched:
@@ -528,7 +532,7 @@ class TriggerManager:
         return scheduled
 
     def _apply_to_task(self, step: SessionStep, config: TaskConfig, trigger_name: str,
-                       kwargs: Kwargs, latest: Mapping[str, Kwargs]) -> list[TaskInstance]:
+                       kwargs: Kwargs) -> list[TaskInstance]:
         """Apply a trigger to one task's waiting instances; returns those it may change.
 
         The original's rule: the trigger applies to every waiting instance that it
@@ -537,8 +541,7 @@ class TriggerManager:
         latest kwargs of the other ``after`` triggers and records the ``unless``
         triggers that fired before it.
         """
-        waiting = [instance for instance in step.open_instances_of(config.name)
-                   if instance.is_waiting]
+        waiting = [instance for instance in step.waiting(config.name) if instance.is_waiting]
         create = True
         if step.count(config.name):
             create = trigger_name == config.and_every
@@ -547,12 +550,14 @@ class TriggerManager:
                     step.save(instance)
                     create = False
         if create:
+            latest = {name: step.latest(name)
+                      for name in config.after_names | config.unless_names if name != trigger_name}
             instance = step.new_instance(
                 config,
-                {name: latest[name] for name in config.after_names
-                 if name != trigger_name and name in latest},
-                abandon_state={name for name in config.unless_names
-                               if name != trigger_name and name in latest},
+                {name: value for name, value in latest.items()
+                 if value is not None and name in config.after_names},
+                abandon_state={name for name, value in latest.items()
+                               if value is not None and name in config.unless_names},
             )
             instance.apply_trigger(trigger_name, kwargs)
             step.save(instance)
@@ -580,6 +585,8 @@ class TriggerManager:
         """Mark ``old`` replayed and store a scheduled copy of it."""
         old.set_status(STATUS_REPLAYED, **metadata)
         step.save(old)
+        if retry:
+            step.note(old, "retried")
         depth = int(old.metadata.get("depth", 0)) + (1 if retry else 0)
         meta: Kwargs = {"parent": old.name}
         if depth:
@@ -652,7 +659,7 @@ class TriggerManager:
                     instance.metadata["dispatch_error"] = f"{_qualname(type(exc))}: {exc}"
                     step.save(instance)
 
-            self.storage.transact(record)
+            self.storage.transact(record, Want(instances=[name]))
         except Exception:  # noqa: BLE001 - the storage itself is failing; already logged above
             logger.exception("Could not record the dispatch error of %s", name)
 

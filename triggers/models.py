@@ -7,17 +7,21 @@ from django.db import models
 from triggers import _json as stored_json
 from triggers.types import RESOLVED_STATUSES, TaskStatus
 
-__all__ = ["TriggerInstance", "TriggerLock", "TriggerSession"]
+__all__ = ["TriggerEvent", "TriggerInstance", "TriggerLock", "TriggerSession"]
 
 STATUS_CHOICES = [(status.value, status.value) for status in TaskStatus]
 
 
 class TriggerSession(models.Model):
-    """One session: its configuration, latest kwargs, counters and metadata (JSON)."""
+    """One session: its per-session fields and its configuration (JSON)."""
 
     uid = models.CharField(max_length=255, primary_key=True)
-    #: Everything but the instances, in the layout of the cache backend's ``state`` key.
+    #: Configuration version, counters, latest kwargs, metadata, open instances (the
+    #: per-session record of triggers.storages.base.SessionRecord).
     state = models.JSONField(default=dict, encoder=stored_json.Encoder, decoder=stored_json.Decoder)
+    #: The configuration (read only when this process has not parsed its version yet).
+    config = models.JSONField(default=dict, encoder=stored_json.Encoder,
+                              decoder=stored_json.Decoder)
     created = models.DateTimeField(auto_now_add=True)
     modified = models.DateTimeField(auto_now=True)
 
@@ -40,6 +44,9 @@ class TriggerInstance(models.Model):
     status = models.CharField(max_length=16, choices=STATUS_CHOICES)
     #: Whether the status is finished, abandoned, replayed or skipped.
     resolved = models.BooleanField(default=False)
+    #: Whether it waits for triggers (unstarted, or scheduled with a delay): what a fired
+    #: trigger reads.
+    waiting = models.BooleanField(default=False)
     kwargs = models.JSONField(default=dict, encoder=stored_json.Encoder,
                               decoder=stored_json.Decoder)
     metadata = models.JSONField(default=dict, encoder=stored_json.Encoder,
@@ -60,6 +67,9 @@ class TriggerInstance(models.Model):
             # index holds just those, so the read does not grow with the history.
             models.Index(fields=["session"], condition=models.Q(resolved=False),
                          name="triggers_instance_open"),
+            # A fired trigger reads the waiting instances of the tasks that react to it.
+            models.Index(fields=["session", "task_name"], condition=models.Q(waiting=True),
+                         name="triggers_instance_waiting"),
             models.Index(fields=["status"], name="triggers_instance_status"),
         ]
 
@@ -85,3 +95,21 @@ class TriggerLock(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class TriggerEvent(models.Model):
+    """One event of a session's history (bounded by ``TRIGGERS['HISTORY_LIMIT']``)."""
+
+    session = models.ForeignKey(TriggerSession, on_delete=models.CASCADE, related_name="events")
+    #: Position in the session's history.
+    seq = models.PositiveBigIntegerField()
+    data = models.JSONField(encoder=stored_json.Encoder, decoder=stored_json.Decoder)
+
+    class Meta:
+        verbose_name = "trigger event"
+        constraints = [
+            models.UniqueConstraint(fields=["session", "seq"], name="triggers_event_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.session_id}:{self.seq}"

@@ -1,47 +1,49 @@
-"""The storage base class: session state, atomic steps and the inspection surface.
+"""The storage contract, the atomic step, and the inspection surface.
 
-A session's state has four parts, split by how they are used:
+A session is stored as records (``triggers.storages._records``): the
+configuration (cached per process by version), per-session fields (counters,
+the latest kwargs of each trigger, metadata), each instance as its own record —
+*waiting* ones indexed per task, *active* ones, *done* ones — and a bounded
+history.
 
-* the configuration (``tasks``: name → :class:`~triggers.types.TaskConfig`),
-* session metadata, including ``latest_kwargs`` (trigger → its last kwargs)
-  and a per-task instance counter,
-* the *open* instances (unstarted, scheduled, running, failed),
-* the *resolved* instances (finished, abandoned, replayed, skipped), which
-  only grow and are not read when a trigger fires.
+Everything the manager does happens in one **atomic step**
+(:meth:`BaseTriggerStorage.transact`): a :class:`SessionStep` reads what it
+needs — for a fired trigger, the configuration, the counters and waiting
+instances of the tasks that react to it and the latest kwargs of their
+triggers, prefetched together — decides, and the backend writes what changed,
+with the step's history events, atomically.
 
-Everything the manager does happens in one *atomic step*
-(:meth:`BaseTriggerStorage.atomic`): lock the session, read the configuration,
-metadata and open instances, decide, write what changed, unlock. Its cost does
-not depend on how many resolved instances the session holds.
-
-Backends implement that step at one of two depths:
-
-* the documented extension point — :meth:`~BaseTriggerStorage._load_from_backend`
-  and :meth:`~BaseTriggerStorage._save` over the whole session — which the
-  base class adapts (simple; cost grows with the session);
-* the fine-grained primitives :meth:`~BaseTriggerStorage._read_state`,
-  :meth:`~BaseTriggerStorage._read_instances`,
-  :meth:`~BaseTriggerStorage._write_state` and
-  :meth:`~BaseTriggerStorage._session_lock`, as the bundled backends do.
+A backend implements the :class:`StorageContract`: :meth:`~StorageContract.load`
+(fill a step with the records it wants), :meth:`~StorageContract.commit` (write
+a step's changes; an optimistic backend refuses them if what the step read
+changed meanwhile, and the step runs again), :meth:`~StorageContract.exclusive`
+(a pessimistic backend's lock or transaction around a step),
+:meth:`~StorageContract.read_history`, :meth:`~StorageContract.delete`,
+:meth:`~StorageContract.session_uids`, :meth:`~StorageContract.get_options` and
+:meth:`~StorageContract.hook_lock`. :class:`BaseTriggerStorage` implements it
+for custom backends written against the original's whole-session pair
+:meth:`~BaseTriggerStorage._load_from_backend` / :meth:`~BaseTriggerStorage._save`
+(simple; each step reads and writes the whole session).
 """
 
 from __future__ import annotations
 
 import copy
-import secrets
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 from triggers import _json as stored_json
 from triggers.config import check_kwargs_map, check_metadata, check_status, validate_configuration
 from triggers.exceptions import (
-    ConfigurationError,
     CorruptSessionState,
     InstanceNotFound,
     InvalidArgument,
     LockNotReentrant,
+    LockTimeout,
     StorageError,
 )
 from triggers.locking import (
@@ -52,8 +54,9 @@ from triggers.locking import (
     reentrant,
 )
 from triggers.registry import TriggersRegistry
+from triggers.storages import _records as records
 from triggers.types import (
-    RESOLVED_STATUSES,
+    STATUS_RUNNING,
     STATUS_UNSTARTED,
     TaskConfig,
     TaskInstance,
@@ -63,204 +66,362 @@ from triggers.types import (
     task_name_of,
 )
 
-__all__ = ["BaseTriggerStorage", "SessionState", "SessionStep", "StateChanges", "storage_backends"]
+__all__ = ["BaseTriggerStorage", "SessionStep", "StorageContract", "Want", "storage_backends"]
 
 T = TypeVar("T")
 
-#: Parsed configurations by configuration id (see SessionState.config_id).
-_parsed_configs: dict[str, tuple[Any, dict[str, TaskConfig]]] = {}
-
-#: Version of the stored JSON layout.
-FORMAT_VERSION = 1
-
+#: Registry of storage backends: ``storage_backends.get('cache', uid)`` (also importable
+#: from :mod:`triggers.storages`).
+storage_backends = TriggersRegistry("triggers.storages", "storage backend")
 
 dumps = stored_json.dumps
+FORMAT_VERSION = records.FORMAT_VERSION
+
+#: Default of ``TRIGGERS['HISTORY_LIMIT']``: events kept per session.
+DEFAULT_HISTORY_LIMIT = 1000
+
+_MISSING: Any = object()
+
+#: History event names of the statuses an instance moves to.
+_STATUS_EVENTS = {
+    "unstarted": "reset", "scheduled": "scheduled", "running": "started",
+    "finished": "finished", "failed": "failed", "abandoned": "abandoned",
+    "replayed": "replayed", "skipped": "skipped",
+}
 
 
-class SessionState:
-    """What an atomic step reads: configuration, metadata and the open instances."""
+def history_limit() -> int:
+    """``TRIGGERS['HISTORY_LIMIT']`` (events kept per session; 0: no history)."""
+    from django.conf import settings
 
-    __slots__ = ("config_id", "counters", "latest_kwargs", "metadata", "open", "tasks")
+    if settings.configured:
+        from triggers.conf import triggers_settings
 
-    def __init__(
-        self,
-        tasks: dict[str, TaskConfig] | None = None,
-        latest_kwargs: dict[str, dict[str, Any]] | None = None,
-        counters: dict[str, int] | None = None,
-        open: dict[str, TaskInstance] | None = None,  # noqa: A002 - the open instances
-        metadata: dict[str, Any] | None = None,
-        config_id: str | None = None,
-    ) -> None:
-        #: Identifies this configuration; a new one gets a new id (parsed configurations
-        #: are cached per process by id).
-        self.config_id = config_id
-        self.tasks = tasks or {}
-        self.latest_kwargs = latest_kwargs or {}
-        self.counters = counters or {}
-        self.open = open or {}
-        self.metadata = metadata or {}
+        return int(triggers_settings.HISTORY_LIMIT)
+    return DEFAULT_HISTORY_LIMIT
 
-    # -- JSON ---------------------------------------------------------------
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "v": FORMAT_VERSION,
-            "cfg": self.config_id,
-            "tasks": {name: config.to_dict() for name, config in self.tasks.items()},
-            "kwargs": self.latest_kwargs,
-            "counters": self.counters,
-            "open": {name: instance.to_dict() for name, instance in self.open.items()},
-            "meta": self.metadata,
-        }
+class Want:
+    """What a step wants read: the parts of a session a backend loads at once."""
+
+    __slots__ = ("counters", "everything", "instances", "latest", "meta", "open", "triggers",
+                 "waiting")
+
+    def __init__(self, triggers: Iterable[str] = (), instances: Iterable[str] = (),
+                 counters: Iterable[str] = (), latest: Iterable[str] = (),
+                 waiting: Iterable[str] = (), meta: Iterable[str] = (), open: bool = False,  # noqa: A002
+                 everything: bool = False) -> None:
+        #: Fired triggers: the counters and waiting instances of the tasks that react
+        #: to them and the latest kwargs of those tasks' triggers (the index says which).
+        self.triggers = set(triggers)
+        #: Instances by name, wherever they are.
+        self.instances = set(instances)
+        self.counters = set(counters)
+        self.latest = set(latest)
+        #: Tasks whose waiting instances are wanted (their counters come too).
+        self.waiting = set(waiting)
+        self.meta = set(meta)
+        #: Every open (waiting or active) instance.
+        self.open = open
+        #: The whole session (inspection).
+        self.everything = everything
+
+    def expand(self, config: records.ParsedConfig) -> Want:
+        """The same with ``triggers`` replaced by what the index says they need."""
+        want = Want(instances=self.instances, counters=self.counters, latest=self.latest,
+                    waiting=self.waiting, meta=self.meta, open=self.open,
+                    everything=self.everything)
+        for trigger in self.triggers:
+            want.latest.add(trigger)
+            entry = config.index.get(trigger)
+            if entry:
+                want.waiting.update(entry[0])
+                want.latest.update(entry[1])
+        want.counters |= want.waiting
+        return want
+
+    def __bool__(self) -> bool:
+        return bool(self.triggers or self.instances or self.counters or self.latest
+                    or self.waiting or self.meta or self.open or self.everything)
+
+
+@runtime_checkable
+class StorageContract(Protocol):
+    """What a storage backend implements; one contract test suite runs over every backend."""
+
+    uid: str
+
+    def get_options(self) -> dict[str, Any]:
+        """JSON-ready keyword arguments that rebuild an equivalent storage (besides ``uid``)."""
+
+    def exclusive(self) -> AbstractContextManager[Any]:
+        """Held around a step by a pessimistic backend (a lock, a transaction); else a no-op."""
+
+    def load(self, step: SessionStep, want: Want) -> None:
+        """Fill ``step`` with the records ``want`` names (and the configuration)."""
+
+    def commit(self, step: SessionStep) -> bool:
+        """Write the step's changes and history atomically; ``False`` if what it read changed."""
+
+    def read_history(self, limit: int | None) -> list[dict[str, Any]]:
+        """The session's history events, oldest first (the last ``limit`` ones)."""
+
+    def delete(self) -> None:
+        """Remove everything this session stored."""
 
     @classmethod
-    def from_json(cls, data: Any, session_uid: str, where: str) -> SessionState:
-        def corrupt(reason: str) -> CorruptSessionState:
-            return CorruptSessionState(
-                f"Stored state of session {session_uid!r} ({where}) is corrupt: {reason}. "
-                "Nothing was executed; inspect or delete the stored value.",
-                session_uid=session_uid,
-            )
+    def session_uids(cls, **options: Any) -> Iterable[str]:
+        """UIDs of the sessions stored with these options (housekeeping; not the hot path)."""
 
-        if not isinstance(data, Mapping):
-            raise corrupt(f"expected a JSON object, got {type(data).__name__}")
-        if data.get("v") != FORMAT_VERSION:
-            raise corrupt(f"unknown format version {data.get('v')!r}")
-        for part in ("tasks", "kwargs", "counters", "open", "meta"):
-            if not isinstance(data.get(part, {}), Mapping):
-                raise corrupt(f"{part!r} is a {type(data[part]).__name__}, not an object")
-        config_id = data.get("cfg")
-        cached = _parsed_configs.get(config_id) if isinstance(config_id, str) else None
-        tasks = cached[1] if cached is not None and cached[0] == data.get("tasks") else None
-        if tasks is None:
-            try:
-                tasks = validate_configuration(data.get("tasks"), None, session_uid=session_uid,
-                                               stored=True)
-            except ConfigurationError as exc:
-                raise corrupt(f"the stored configuration is invalid: {exc}") from exc
-            if isinstance(config_id, str):
-                if len(_parsed_configs) >= 1024:
-                    _parsed_configs.clear()
-                _parsed_configs[config_id] = (data["tasks"], tasks)
-        try:
-            if not all(isinstance(v, Mapping) for v in data["kwargs"].values()):
-                raise ValueError("latest kwargs must be objects")
-            state = cls(
-                tasks=dict(tasks),
-                config_id=config_id if isinstance(config_id, str) else None,
-                latest_kwargs=dict(data["kwargs"]),
-                counters={name: int(n) for name, n in data["counters"].items()},
-                metadata=dict(data.get("meta") or {}),
-            )
-            state.open = {
-                name: instance_from_json(name, entry, tasks, session_uid, where)
-                for name, entry in data["open"].items()
-            }
-        except CorruptSessionState:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise corrupt(f"{type(exc).__name__}: {exc}") from exc
-        return state
-
-
-def instance_from_json(
-    name: str, data: Any, tasks: Mapping[str, TaskConfig], session_uid: str, where: str
-) -> TaskInstance:
-    try:
-        config = tasks[data.get("task") or task_name_of(name)]
-        return TaskInstance(
-            name=name,
-            config=config,
-            kwargs=data.get("kwargs") or {},
-            status=TaskStatus(data["status"]),
-            metadata=data.get("meta") or {},
-            abandon_state=data.get("unless") or (),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CorruptSessionState(
-            f"Stored state of session {session_uid!r} ({where}) is corrupt: instance {name!r} "
-            f"cannot be read ({type(exc).__name__}: {exc}). Nothing was executed.",
-            session_uid=session_uid,
-        ) from exc
-
-
-class StateChanges:
-    """What one atomic step changed, handed to :meth:`BaseTriggerStorage._write_state`."""
-
-    __slots__ = ("dirty", "resolved", "state", "unresolved")
-
-    def __init__(self, state: SessionState, resolved: dict[str, TaskInstance],
-                 unresolved: set[str], dirty: dict[str, TaskInstance] | None = None) -> None:
-        #: Every instance this step created or changed.
-        self.dirty = dirty if dirty is not None else {}
-        #: The new state (configuration, metadata, open instances).
-        self.state = state
-        #: Instances written to the resolved store by this step (new or changed).
-        self.resolved = resolved
-        #: Names that moved from the resolved store back to the open instances.
-        self.unresolved = unresolved
+    def hook_lock(self) -> AbstractContextManager[Any]:
+        """The lock under which a manager runs this session's hooks."""
 
 
 class SessionStep:
-    """The working view of one atomic step; see :meth:`BaseTriggerStorage.atomic`."""
+    """The working view of one atomic step.
 
-    def __init__(self, storage: BaseTriggerStorage, state: SessionState) -> None:
+    Reads load what they need from the backend (most of it prefetched with the
+    step), writes are collected and committed together. The manager reads the
+    configuration (``tasks``, ``reacting()``), ``count()``, ``latest()``,
+    ``waiting()``, ``instance()``, and writes with ``save()``,
+    ``new_instance()``, ``set_latest_kwargs()``, ``set_tasks()``,
+    ``set_metadata()`` and ``note()``.
+    """
+
+    def __init__(self, storage: BaseTriggerStorage, uid: str) -> None:
         self.storage = storage
-        self.state = state
-        self._resolved_loaded: dict[str, TaskInstance] = {}
+        self.uid = uid
+        #: The configuration as loaded (``None`` until the backend loaded it).
+        self.config: records.ParsedConfig | None = None
+        self._counters: dict[str, int] = {}
+        self._latest: dict[str, Any] = {}  # trigger -> kwargs, or None if never fired
+        self._meta: dict[str, Any] = {}
+        self._waiting: dict[str, dict[str, TaskInstance]] = {}
+        self._found: dict[str, TaskInstance | None] = {}
+        self._places: dict[str, str | None] = {}
+        self._was: dict[str, TaskStatus | None] = {}
+        self._open: dict[str, TaskInstance] | None = None
+        self._all_latest = False
+        self._all_meta = False
+        #: What an optimistic backend checks at commit (its own format).
+        self.observed: dict[Any, Any] = {}
+        # Writes.
+        self._new_config: records.ParsedConfig | None = None
+        self._set_counters: dict[str, int] = {}
+        self._set_latest: dict[str, dict[str, Any]] = {}
+        self._set_meta: dict[str, Any] = {}
         self._dirty: dict[str, TaskInstance] = {}
-        self._changed = False
+        self._notes: dict[str, str] = {}
+        self._events: list[dict[str, Any]] = []
         #: Triggers applied in this step, in order, with the instances each scheduled.
         self.fired: list[tuple[str, list[TaskInstance]]] = []
 
-    # -- reading ------------------------------------------------------------
+    # -- loading (called by backends) -----------------------------------------
+
+    def need(self, want: Want) -> None:
+        """Load what ``want`` names and is not loaded yet (one backend read).
+
+        Until the configuration is loaded ``want`` goes to the backend as it is
+        (with its ``triggers`` to expand through the configuration's index).
+        """
+        missing = self._missing(want)
+        if self.config is None or missing:
+            self.storage.load(self, missing)
+
+    def _missing(self, want: Want) -> Want:
+        if self.config is None:
+            return want
+        want = want.expand(self.config)
+        return Want(
+            instances={n for n in want.instances if n not in self._found},
+            counters={t for t in want.counters if t not in self._counters},
+            latest=set() if self._all_latest else {t for t in want.latest
+                                                    if t not in self._latest},
+            waiting={t for t in want.waiting if t not in self._waiting},
+            meta=set() if self._all_meta else {k for k in want.meta if k not in self._meta},
+            open=want.open and self._open is None,
+            everything=want.everything,
+        )
+
+    def loaded_config(self, config: records.ParsedConfig) -> None:
+        if self.config is None:
+            self.config = config
+
+    def loaded_counter(self, task: str, value: int) -> None:
+        self._counters.setdefault(task, value)
+
+    def loaded_latest(self, trigger: str, kwargs: Any, complete: bool = False) -> None:
+        self._latest.setdefault(trigger, kwargs)
+        self._all_latest = self._all_latest or complete
+
+    def loaded_meta(self, key: str, value: Any, complete: bool = False) -> None:
+        self._meta.setdefault(key, value)
+        self._all_meta = self._all_meta or complete
+
+    def loaded_waiting(self, task: str, instances: Iterable[TaskInstance]) -> None:
+        if task in self._waiting:
+            return
+        found = {}
+        for instance in instances:
+            found[instance.name] = self._remember(instance, records.PLACE_WAITING)
+        self._waiting[task] = found
+
+    def loaded_instance(self, name: str, instance: TaskInstance | None,
+                        place: str | None) -> None:
+        if name not in self._found:
+            self._remember(instance, place, name)
+
+    def loaded_open(self, instances: Iterable[TaskInstance]) -> None:
+        if self._open is None:
+            self._open = {i.name: self._remember(i, records.place_of(i)) for i in instances}
+
+    def _remember(self, instance: TaskInstance | None, place: str | None,
+                  name: str | None = None) -> Any:
+        name = name or (instance.name if instance is not None else "")
+        known = self._found.get(name, _MISSING)
+        if known is not _MISSING:
+            return known
+        self._found[name] = instance
+        self._places[name] = place
+        self._was[name] = instance.status if instance is not None else None
+        return instance
+
+    # -- reading ------------------------------------------------------------------
 
     @property
     def tasks(self) -> dict[str, TaskConfig]:
-        return self.state.tasks
+        """The configuration: task name → TaskConfig."""
+        config = self._new_config or self._config()
+        return config.tasks
 
-    @property
-    def latest_kwargs(self) -> dict[str, dict[str, Any]]:
-        return self.state.latest_kwargs
+    def _config(self) -> records.ParsedConfig:
+        if self.config is None:
+            self.storage.load(self, Want())
+        assert self.config is not None
+        return self.config
+
+    def reacting(self, trigger_name: str) -> list[TaskConfig]:
+        """The tasks whose ``after``, ``andEvery`` or ``unless`` mention the trigger."""
+        return (self._new_config or self._config()).reacting(trigger_name)
 
     def count(self, task_name: str) -> int:
         """How many instances of the task were ever created."""
-        return self.state.counters.get(task_name, 0)
+        if task_name in self._set_counters:
+            return self._set_counters[task_name]
+        if task_name not in self._counters:
+            self.need(Want(counters=[task_name]))
+        return self._counters.get(task_name, 0)
 
-    def open_instances_of(self, task_name: str) -> list[TaskInstance]:
-        found = [i for i in self.state.open.values() if i.config.name == task_name]
-        return sorted(found, key=lambda i: i.number)
+    def latest(self, trigger_name: str) -> dict[str, Any] | None:
+        """The kwargs the trigger was last fired with, or ``None`` if it never fired."""
+        if trigger_name in self._set_latest:
+            return self._set_latest[trigger_name]
+        if trigger_name not in self._latest and not self._all_latest:
+            self.need(Want(latest=[trigger_name]))
+        value: dict[str, Any] | None = self._latest.get(trigger_name)
+        return value
+
+    @property
+    def latest_kwargs(self) -> dict[str, dict[str, Any]]:
+        """Every trigger's latest kwargs (reads them all: not for the hot path)."""
+        if not self._all_latest:
+            self.need(Want(everything=True))
+        merged = {name: kwargs for name, kwargs in self._latest.items() if kwargs is not None}
+        merged.update(self._set_latest)
+        return merged
+
+    @property
+    def counters(self) -> dict[str, int]:
+        self.need(Want(everything=True))
+        return {**self._counters, **self._set_counters}
+
+    def metadata(self, key: str, default: Any = None) -> Any:
+        if key in self._set_meta:
+            return self._set_meta[key]
+        if key not in self._meta and not self._all_meta:
+            self.need(Want(meta=[key]))
+        value = self._meta.get(key, _MISSING)
+        return default if value is _MISSING or value is None else value
+
+    @property
+    def session_metadata(self) -> dict[str, Any]:
+        if not self._all_meta:
+            self.need(Want(everything=True))
+        merged = {key: value for key, value in self._meta.items() if value is not None}
+        merged.update(self._set_meta)
+        return merged
+
+    def waiting(self, task_name: str) -> list[TaskInstance]:
+        """The task's waiting instances (unstarted, or scheduled with a delay), by number."""
+        if task_name not in self._waiting:
+            self.need(Want(waiting=[task_name]))
+        found = dict(self._waiting.get(task_name, {}))
+        for name, instance in self._dirty.items():
+            if instance.task_name == task_name:
+                if records.place_of(instance) == records.PLACE_WAITING:
+                    found[name] = instance
+                else:
+                    found.pop(name, None)
+        return sorted(found.values(), key=lambda i: i.number)
+
+    def open_instances(self) -> list[TaskInstance]:
+        """Every unresolved instance of the session (reads them all: not the hot path)."""
+        if self._open is None:
+            self.need(Want(open=True))
+        found = dict(self._open or {})
+        for name, instance in self._dirty.items():
+            if instance.is_resolved:
+                found.pop(name, None)
+            else:
+                found[name] = instance
+        return sorted(found.values(), key=lambda i: (i.task_name, i.number))
 
     def instance(self, name: str) -> TaskInstance:
-        """The instance called ``name``, open or resolved (one extra read if resolved)."""
-        if name in self.state.open:
-            return self.state.open[name]
-        if name in self._resolved_loaded:
-            return self._resolved_loaded[name]
-        found = self.storage._read_instances([name], self.state.tasks).get(name)
+        """The instance called ``name``, wherever it is."""
+        if name in self._dirty:
+            return self._dirty[name]
+        if name not in self._found:
+            self.need(Want(instances=[name]))
+        found = self._found.get(name)
         if found is None:
             raise InstanceNotFound(
-                f"Session {self.storage.uid!r} has no task instance {name!r}.",
-                session_uid=self.storage.uid,
-                instance_name=name,
+                f"Session {self.uid!r} has no task instance {name!r}.",
+                session_uid=self.uid, instance_name=name,
             )
-        self._resolved_loaded[name] = found
         return found
 
-    # -- writing ------------------------------------------------------------
+    def find(self, name: str) -> TaskInstance | None:
+        try:
+            return self.instance(name)
+        except InstanceNotFound:
+            return None
+
+    def all_instances(self) -> dict[str, TaskInstance]:
+        """Every instance of the session (inspection)."""
+        self.need(Want(everything=True))
+        found = {n: i for n, i in self._found.items() if i is not None}
+        found.update(self._dirty)
+        return found
+
+    def place_before(self, name: str) -> str | None:
+        """Where the instance's record was when the step read it (``None``: new)."""
+        return self._places.get(name)
+
+    # -- writing ------------------------------------------------------------------
 
     def set_latest_kwargs(self, trigger_name: str, kwargs: dict[str, Any]) -> None:
-        self.state.latest_kwargs[trigger_name] = kwargs
-        self._changed = True
+        self._set_latest[trigger_name] = kwargs
+        self._events.append(_event("fired", trigger=trigger_name,
+                                   size=len(dumps(kwargs)) if kwargs else 0))
 
     def set_tasks(self, tasks: Mapping[str, TaskConfig]) -> None:
-        self.state.tasks.update(tasks)
-        self.state.config_id = secrets.token_hex(8)
-        self._changed = True
+        merged = dict(self.tasks)
+        merged.update(tasks)
+        self._new_config = records.remember_config(records.ParsedConfig(merged))
+        self._events.append(_event("configured", size=len(tasks)))
 
     def set_metadata(self, key: str, value: Any) -> None:
-        self.state.metadata[key] = value
-        self._changed = True
+        self._set_meta[key] = value
 
     def new_instance(
         self,
@@ -271,50 +432,125 @@ class SessionStep:
         abandon_state: Iterable[str] | None = None,
     ) -> TaskInstance:
         number = self.count(config.name)
-        self.state.counters[config.name] = number + 1
+        self._set_counters[config.name] = number + 1
         stamp = now()
         meta = {"created": stamp, "modified": stamp}
         meta.update(metadata or {})
         instance = TaskInstance(instance_name(config.name, number), config, kwargs, status, meta,
                                 abandon_state)
+        self._places[instance.name] = None
+        self._found[instance.name] = None
+        self._was[instance.name] = None
         self.save(instance)
         return instance
 
     def save(self, instance: TaskInstance) -> None:
         """Record that ``instance`` changed (status, kwargs or metadata)."""
-        self._changed = True
         self._dirty[instance.name] = instance
-        if instance.status in RESOLVED_STATUSES:
-            self.state.open.pop(instance.name, None)
-        else:
-            self.state.open[instance.name] = instance
+        if self._open is not None and instance.is_resolved:
+            self._open.pop(instance.name, None)
+
+    def note(self, instance: TaskInstance, event: str) -> None:
+        """Name the history event of this step's change to ``instance`` (``recovered`` …)."""
+        self._notes[instance.name] = event
 
     @property
     def changed(self) -> bool:
-        return self._changed
+        return bool(self._dirty or self._set_latest or self._set_counters or self._set_meta
+                    or self._new_config is not None)
+
+    # -- what a backend commits ---------------------------------------------------
+
+    @property
+    def new_config(self) -> records.ParsedConfig | None:
+        return self._new_config
+
+    @property
+    def new_counters(self) -> dict[str, int]:
+        return self._set_counters
+
+    @property
+    def new_latest(self) -> dict[str, dict[str, Any]]:
+        return self._set_latest
+
+    @property
+    def new_meta(self) -> dict[str, Any]:
+        return self._set_meta
+
+    @property
+    def dirty(self) -> dict[str, TaskInstance]:
+        return self._dirty
+
+    def moves(self) -> Iterator[tuple[TaskInstance, str | None, str]]:
+        """Each changed instance with its place before (``None``: new) and after."""
+        for name, instance in self._dirty.items():
+            yield instance, self._places.get(name), records.place_of(instance)
+
+    def open_delta(self) -> int:
+        """How many more open (waiting or active) instances the session has after the step."""
+        delta = 0
+        for _instance, before, after in self.moves():
+            delta += (after != records.PLACE_DONE) - (before not in (None, records.PLACE_DONE))
+        return delta
+
+    def history(self) -> list[dict[str, Any]]:
+        """The history events of this step, in order."""
+        events = list(self._events)
+        for name, instance in self._dirty.items():
+            if self._places.get(name) is None:
+                events.append(_event("created", instance=name))
+                if instance.status != STATUS_UNSTARTED:
+                    events.append(self._status_event(instance))
+            elif self._was.get(name) != instance.status or name in self._notes:
+                events.append(self._status_event(instance))
+        return events
+
+    def _status_event(self, instance: TaskInstance) -> dict[str, Any]:
+        event = self._notes.get(instance.name) or _STATUS_EVENTS[instance.status.value]
+        return _event(event, instance=instance.name,
+                      run=instance.metadata.get("run") if instance.status == STATUS_RUNNING
+                      else None)
+
+    # -- nested steps (inside a lock block) ----------------------------------------
 
     def checkpoint(self) -> tuple[Any, ...]:
-        """A copy of the working state, to :meth:`restore` if a nested step fails."""
-        state = self.state
-        return (
-            SessionState(dict(state.tasks), copy.deepcopy(state.latest_kwargs),
-                         dict(state.counters), {n: _clone(i) for n, i in state.open.items()},
-                         copy.deepcopy(state.metadata), state.config_id),
-            {n: _clone(i) for n, i in self._resolved_loaded.items()},
-            {n: _clone(i) for n, i in self._dirty.items()},
-            self._changed, list(self.fired),
-        )
+        """A copy of what the step wrote, to :meth:`restore` if a nested call fails."""
+        return (self._new_config, dict(self._set_counters), copy.deepcopy(self._set_latest),
+                copy.deepcopy(self._set_meta), {n: _clone(i) for n, i in self._dirty.items()},
+                dict(self._places), dict(self._was), dict(self._notes), list(self._events),
+                list(self.fired))
 
     def restore(self, checkpoint: tuple[Any, ...]) -> None:
-        self.state, self._resolved_loaded, self._dirty, self._changed, self.fired = checkpoint
+        """Back to :meth:`checkpoint`; what was read is read again (the session is locked)."""
+        (self._new_config, self._set_counters, self._set_latest, self._set_meta, self._dirty,
+         places, was, self._notes, self._events, self.fired) = checkpoint
+        self._counters, self._latest, self._meta = {}, {}, {}
+        self._waiting, self._open = {}, None
+        self._all_latest = self._all_meta = False
+        self._found = {name: None for name, place in places.items() if place is None}
+        self._places = {name: None for name in self._found}
+        self._was = {name: was.get(name) for name in self._found}
 
-    def changes(self) -> StateChanges:
-        resolved = {n: i for n, i in self._dirty.items() if i.status in RESOLVED_STATUSES}
-        unresolved = {
-            n for n, i in self._dirty.items()
-            if i.status not in RESOLVED_STATUSES and n in self._resolved_loaded
-        }
-        return StateChanges(self.state, resolved, unresolved, dict(self._dirty))
+
+def _event(kind: str, **data: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {"t": now(), "e": kind, "p": records.process_name()}
+    for key, short in (("instance", "i"), ("trigger", "g"), ("size", "n"), ("run", "r")):
+        value = data.get(key)
+        if value is not None:
+            event[short] = value
+    return event
+
+
+def expand_event(event: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored history event with readable keys."""
+    names = {"t": "at", "e": "event", "p": "process", "i": "instance", "g": "trigger",
+             "n": "size", "r": "run"}
+    return {names.get(key, key): value for key, value in event.items()}
+
+
+def _clone(instance: TaskInstance) -> TaskInstance:
+    return TaskInstance(instance.name, instance.config, copy.deepcopy(instance.kwargs),
+                        instance.status, copy.deepcopy(instance.metadata), instance.abandon_state)
 
 
 class _Held:
@@ -322,9 +558,9 @@ class _Held:
 
     __slots__ = ("callbacks", "handed", "step", "thread")
 
-    def __init__(self) -> None:
+    def __init__(self, step: SessionStep) -> None:
         self.thread = threading.get_ident()
-        self.step: SessionStep | None = None
+        self.step = step
         self.callbacks: list[Callable[[], None]] = []
         #: Instances the block read, by name, with what they were when read.
         self.handed: dict[str, tuple[TaskInstance, dict[str, Any]]] = {}
@@ -336,7 +572,6 @@ class _Held:
 
     def save_handed(self) -> None:
         """Record the changes the block made to instances it read."""
-        assert self.step is not None
         for name, (instance, before) in list(self.handed.items()):
             after = instance.to_dict()
             if after != before:
@@ -347,9 +582,9 @@ class _Held:
 class BaseTriggerStorage:
     """Base class of storage backends; one object serves one session (``uid``).
 
-    Subclasses set ``name`` (their registry key) and implement either the
-    whole-session pair :meth:`_load_from_backend` / :meth:`_save`, or the
-    fine-grained primitives (see the module documentation).
+    Subclasses set ``name`` (their registry key) and implement the
+    :class:`StorageContract` — or only the original's whole-session pair
+    :meth:`_load_from_backend` / :meth:`_save`, which this class adapts.
 
     The inspection surface (``tasks``, ``instances``, ``latest_kwargs``,
     ``storage[name]``, iteration …) reads the stored state afresh on every
@@ -358,6 +593,9 @@ class BaseTriggerStorage:
 
     #: Registry key under the ``triggers.storages`` entry-point group.
     name: ClassVar[str] = ""
+    #: Whether :meth:`commit` can refuse a step whose reads changed (optimistic backends);
+    #: pessimistic ones hold :meth:`exclusive` around the whole step instead.
+    optimistic: bool = False
 
     def __init__(self, uid: str, lock_expire: int = DEFAULT_LOCK_EXPIRE,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
@@ -407,6 +645,95 @@ class BaseTriggerStorage:
             return
         callback()
 
+    def transact(self, step_function: Callable[[SessionStep], T],
+                 want: Want | None = None) -> T:
+        """Run ``step_function(step)`` as one atomic step and return what it returns.
+
+        The function reads and changes the session through ``step``; its changes
+        are written when it returns, nothing is written if it raises. ``want``
+        names what to prefetch (the fired triggers, the instances). An optimistic
+        backend runs the function again if what it read changed meanwhile, so it
+        must have no other side effects. Inside :meth:`acquire_lock` it runs on
+        the block's working state.
+        """
+        held = self._held_here()
+        if held is not None:
+            checkpoint = held.step.checkpoint()
+            try:
+                return step_function(held.step)
+            except BaseException:
+                held.step.restore(checkpoint)
+                raise
+        if not self.optimistic:
+            with self.exclusive():
+                step = self._new_step(want)
+                result = step_function(step)
+                if step.changed:
+                    self._commit_or_fail(step)
+                return result
+        return self._optimistic(step_function, want)
+
+    def _new_step(self, want: Want | None) -> SessionStep:
+        step = SessionStep(self, self.uid)
+        step.need(want or Want())
+        return step
+
+    def _commit_or_fail(self, step: SessionStep) -> None:
+        if not self.commit(step):
+            raise StorageError(f"Session {self.uid!r} changed during an exclusive step.",
+                               session_uid=self.uid)
+
+    def _optimistic(self, step_function: Callable[[SessionStep], T], want: Want | None) -> T:
+        """Read, decide, commit if unchanged; on a conflict run again (then under the lock)."""
+        deadline = time.monotonic() + self.lock_timeout
+        conflicts = 0
+        delay = 0.0005
+        while True:
+            step = self._new_step(want)
+            result = step_function(step)
+            if not step.changed or self.commit(step):
+                return result
+            if time.monotonic() >= deadline:
+                raise LockTimeout(
+                    f"Could not apply a step to session {self.uid!r} within "
+                    f"{self.lock_timeout} s: its lock stayed taken or the step kept "
+                    "conflicting with other processes.", session_uid=self.uid,
+                )
+            if step.observed.get("locked"):
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.05)
+                continue
+            conflicts += 1
+            if conflicts >= 32:
+                # Starving: take the session lock, which makes other steps wait.
+                with self.step_lock(max(deadline - time.monotonic(), 0.001)) as owner:
+                    while True:
+                        step = self._new_step(want)
+                        step.observed["lock_owner"] = owner
+                        result = step_function(step)
+                        if not step.changed or self.commit(step):
+                            return result
+            time.sleep(random.random() * 0.0001 * conflicts)
+
+    def step_lock(self, timeout: float) -> AbstractContextManager[str | None]:
+        """An optimistic backend's session lock for one starving step; yields its owner id."""
+        raise NotImplementedError(f"{type(self).__name__} is not an optimistic backend")
+
+    @contextmanager
+    def atomic(self) -> Iterator[SessionStep]:
+        """A step as a ``with`` block: changes are written on exit, nothing if it raises."""
+        with self.exclusive_step() as step:
+            yield step
+
+    @contextmanager
+    def exclusive_step(self) -> Iterator[SessionStep]:
+        """A step that holds the session lock (or transaction) from its first read to its write."""
+        with self.session_lock():
+            step = self._new_step(None)
+            yield step
+            if step.changed:
+                self._commit_or_fail(step)
+
     @contextmanager
     def acquire_lock(self) -> Iterator[BaseTriggerStorage]:
         """Hold this session's lock and yield the storage itself, writable (the original API).
@@ -431,9 +758,8 @@ class BaseTriggerStorage:
                 "storage object; use the storage the outer block yielded.",
                 session_uid=self.uid,
             )
-        held = _Held()
-        with self.atomic() as step:
-            held.step = step
+        with self.exclusive_step() as step:
+            held = _Held(step)
             self._held = held
             try:
                 yield self
@@ -464,48 +790,17 @@ class BaseTriggerStorage:
             return held
         return None
 
-    def transact(self, step_function: Callable[[SessionStep], T]) -> T:
-        """Run ``step_function(step)`` as one atomic step and return what it returns.
+    # ------------------------------------------------------------------
+    # Locks.
+    # ------------------------------------------------------------------
 
-        The function reads and changes the session through ``step``; its changes
-        are written when it returns, nothing is written if it raises. A backend
-        may run it more than once (optimistic transactions retry on conflict), so
-        it must have no other side effects. Inside :meth:`acquire_lock` it runs on
-        the block's working state.
-        """
-        held = self._held_here()
-        if held is not None:
-            assert held.step is not None
-            checkpoint = held.step.checkpoint()
-            try:
-                return step_function(held.step)
-            except BaseException:
-                held.step.restore(checkpoint)
-                raise
-        return self._transact(step_function)
-
-    def _transact(self, step_function: Callable[[SessionStep], T]) -> T:
-        with self.atomic() as step:
-            return step_function(step)
-
-    @contextmanager
-    def atomic(self) -> Iterator[SessionStep]:
-        """Lock the session, read its working state, and write what changed on exit.
-
-        If the block raises, nothing is written.
-        """
-        with self._session_lock():
-            step = SessionStep(self, self._read_state())
-            yield step
-            if step.changed:
-                self._write_state(step.changes())
-
-    # -- fine-grained primitives (defaults adapt the whole-session pair) ----
-
-    def _session_lock(self) -> AbstractContextManager[Any]:
+    def session_lock(self) -> AbstractContextManager[Any]:
+        """The session lock (expiring, non-reentrant): what :meth:`acquire_lock` holds."""
         lock = LocalSessionLock(f"triggers:{type(self).__name__}:{self.uid}", self.uid,
                                 self.lock_expire, self.lock_timeout)
         return lock.hold()
+
+    _session_lock = session_lock
 
     def hook_lock(self) -> AbstractContextManager[Any]:
         """The lock under which a manager runs this session's hooks, one at a time.
@@ -521,48 +816,75 @@ class BaseTriggerStorage:
         return LocalSessionLock(f"triggers:hooks:{type(self).__name__}:{self.uid}", self.uid,
                                 self.lock_expire, self.lock_timeout)
 
-    def _read_state(self) -> SessionState:
-        """Read configuration, metadata and open instances (one round trip)."""
+    # ------------------------------------------------------------------
+    # The contract, adapted to the whole-session pair (custom backends).
+    # ------------------------------------------------------------------
+
+    def exclusive(self) -> AbstractContextManager[Any]:
+        return self.session_lock()
+
+    def load(self, step: SessionStep, want: Want) -> None:
+        """Whole-session adapter: load everything, hand the step what it wants."""
         self._load()
         meta = dict(self._metadata)
         latest = meta.pop("latest_kwargs", {}) or {}
         counters = meta.pop("counters", None)
+        meta.pop("history", None)
         if counters is None:
             counters = {}
             for name in self._instances:
                 task = task_name_of(name)
                 counters[task] = max(counters.get(task, 0), int(name.rsplit("#", 1)[1]) + 1)
-        open_ = {n: i.copy() for n, i in self._instances.items() if not i.is_resolved}
-        return SessionState(dict(self._configs), dict(latest), dict(counters), open_, meta)
+        step.loaded_config(records.remember_config(records.ParsedConfig(dict(self._configs))))
+        for task in step.tasks:
+            step.loaded_counter(task, int(counters.get(task, 0)))
+        for trigger, kwargs in latest.items():
+            step.loaded_latest(trigger, kwargs)
+        step.loaded_latest("", None, complete=True)
+        for key, value in meta.items():
+            step.loaded_meta(key, value)
+        step.loaded_meta("", None, complete=True)
+        by_task: dict[str, list[TaskInstance]] = {task: [] for task in step.tasks}
+        for instance in self._instances.values():
+            copy_ = _clone(instance)
+            if records.place_of(copy_) == records.PLACE_WAITING:
+                by_task.setdefault(copy_.task_name, []).append(copy_)
+            step.loaded_instance(copy_.name, copy_, records.place_of(copy_))
+        for task, instances in by_task.items():
+            step.loaded_waiting(task, instances)
+        step.loaded_open(i for i in self._instances.values() if not i.is_resolved)
+        for name in want.instances:
+            step.loaded_instance(name, None, None)
 
-    def _read_instances(self, names: Iterable[str],
-                        tasks: Mapping[str, TaskConfig]) -> dict[str, TaskInstance]:
-        """Read the named instances (resolved or not); missing names are left out."""
-        self._load()
-        return {n: self._instances[n].copy() for n in names if n in self._instances}
-
-    def _read_all_instances(self, state: SessionState) -> dict[str, TaskInstance]:
-        names = [instance_name(task, n) for task, count in state.counters.items()
-                 for n in range(count) if instance_name(task, n) not in state.open]
-        found = self._read_instances(names, state.tasks)
-        found.update(state.open)
-        return found
-
-    def _write_state(self, changes: StateChanges) -> None:
-        """Persist one atomic step's changes (one round trip)."""
-        state = changes.state
-        self._configs = dict(state.tasks)
-        for name in list(self._instances):
-            if not self._instances[name].is_resolved and name not in state.open:
-                del self._instances[name]
-        self._instances.update(changes.resolved)
-        self._instances.update(state.open)
-        self._metadata = dict(state.metadata)
-        self._metadata["latest_kwargs"] = state.latest_kwargs
-        self._metadata["counters"] = state.counters
+    def commit(self, step: SessionStep) -> bool:
+        """Whole-session adapter: apply the changes to the loaded session and save it all."""
+        if step.new_config is not None:
+            self._configs = dict(step.new_config.tasks)
+        for name, instance in step.dirty.items():
+            self._instances[name] = instance
+        meta = dict(self._metadata)
+        latest = dict(meta.get("latest_kwargs") or {})
+        latest.update(step.new_latest)
+        counters = dict(meta.get("counters") or {})
+        counters.update(step.new_counters)
+        meta.update(step.new_meta)
+        meta["latest_kwargs"] = latest
+        meta["counters"] = counters
+        limit = history_limit()
+        if limit:
+            meta["history"] = (list(meta.get("history") or []) + step.history())[-limit:]
+        self._metadata = meta
         self._save()
+        return True
 
-    # -- the documented whole-session extension point -----------------------
+    def read_history(self, limit: int | None) -> list[dict[str, Any]]:
+        self._load()
+        events = list(self._metadata.get("history") or [])
+        return events[-limit:] if limit else events
+
+    @classmethod
+    def session_uids(cls, **options: Any) -> Iterable[str]:
+        raise NotImplementedError(f"{cls.__name__} cannot list its sessions")
 
     def _load(self) -> None:
         try:
@@ -580,8 +902,8 @@ class BaseTriggerStorage:
             }
             self._instances = {
                 name: value if isinstance(value, TaskInstance)
-                else instance_from_json(name, stored_json.from_plain(value), self._configs,
-                                        self.uid, "backend")
+                else records.instance_from_json(name, stored_json.from_plain(value),
+                                                self._configs, self.uid, "backend")
                 for name, value in (instances or {}).items()
             }
             self._metadata = stored_json.from_plain(dict(metadata or {}))
@@ -600,7 +922,7 @@ class BaseTriggerStorage:
         """
         raise NotImplementedError(
             f"{type(self).__name__} must implement _load_from_backend() and _save(), "
-            "or the fine-grained primitives _read_state/_read_instances/_write_state."
+            "or the storage contract (load, commit, exclusive …)."
         )
 
     def _save(self) -> None:
@@ -631,60 +953,55 @@ class BaseTriggerStorage:
     # Inspection (fresh reads; not the hot path).
     # ------------------------------------------------------------------
 
-    def _current_state(self) -> SessionState:
-        """The stored state, or the working state of this thread's lock block."""
+    def _view(self, want: Want) -> SessionStep:
+        """A step to read from: the lock block's working state, or a fresh read."""
         held = self._held_here()
         if held is not None:
-            assert held.step is not None
-            return held.step.state
-        return self._read_state()
+            held.step.need(want)
+            return held.step
+        return self._new_step(want)
 
-    def _current_instances(self, names: Iterable[str] | None = None) -> dict[str, TaskInstance]:
-        """Instances by name (all of them, or the named ones that exist), fresh or working."""
-        held = self._held_here()
-        if held is None:
-            state = self._read_state()
-            if names is None:
-                return self._read_all_instances(state)
-            wanted = list(names)
-            found = self._read_instances([n for n in wanted if n not in state.open], state.tasks)
-            found.update({n: state.open[n] for n in wanted if n in state.open})
-            return found
-        step = held.step
-        assert step is not None
-        if names is None:
-            names = [instance_name(task, n) for task, count in step.state.counters.items()
-                     for n in range(count)]
-        found = {}
-        for name in names:
-            try:
-                found[name] = held.hand(step.instance(name))
-            except InstanceNotFound:
-                continue
-        return found
+    def history(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The session's history, oldest first: the last ``limit`` events (default: all kept).
+
+        Each event has ``at`` (epoch seconds), ``event`` (``fired``, ``created``,
+        ``scheduled``, ``started``, ``finished``, ``failed``, ``retried``,
+        ``replayed``, ``skipped``, ``abandoned``, ``recovered`` …), ``process``
+        (``host:pid``) and, as they apply, ``trigger`` with ``size`` (bytes of its
+        kwargs), ``instance`` and ``run`` (the run token).
+        """
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise InvalidArgument(f"history() limit must be a number >= 0 or None, got {limit!r}")
+        return [expand_event(event) for event in self.read_history(limit)]
 
     @property
     def tasks(self) -> dict[str, TaskConfig]:
-        return self._current_state().tasks
+        return dict(self._view(Want()).tasks)
 
     @property
     def latest_kwargs(self) -> dict[str, dict[str, Any]]:
-        return self._current_state().latest_kwargs
+        return self._view(Want(everything=True)).latest_kwargs
 
     @property
     def metadata(self) -> dict[str, Any]:
         """Session metadata, including ``latest_kwargs`` and the instance ``counters``."""
-        state = self._current_state()
-        meta = dict(state.metadata)
-        meta["latest_kwargs"] = state.latest_kwargs
-        meta["counters"] = state.counters
+        step = self._view(Want(everything=True))
+        meta = dict(step.session_metadata)
+        meta["latest_kwargs"] = step.latest_kwargs
+        meta["counters"] = step.counters
         return meta
+
+    def _handed(self, instance: TaskInstance) -> TaskInstance:
+        """Inside a lock block, the instance is live: changes made to it are saved."""
+        held = self._held_here()
+        return held.hand(instance) if held is not None else instance
 
     @property
     def instances(self) -> dict[str, TaskInstance]:
         """Every instance of the session, by name, in task and number order."""
-        found = self._current_instances()
-        return {name: found[name] for name in sorted(found, key=_instance_sort_key)}
+        found = self._view(Want(everything=True)).all_instances()
+        return {name: self._handed(found[name])
+                for name in sorted(found, key=_instance_sort_key)}
 
     def iter_instances(self) -> Iterator[TaskInstance]:
         return iter(list(self.instances.values()))
@@ -700,7 +1017,7 @@ class BaseTriggerStorage:
             name = name.name
         if not isinstance(name, str):
             return False
-        return bool(self._current_instances([name]))
+        return self._view(Want(instances=[name])).find(name) is not None
 
     def __getitem__(self, name: str) -> TaskInstance:
         return self.get_instance(name)
@@ -708,37 +1025,26 @@ class BaseTriggerStorage:
     def get_instance(self, name: str | TaskInstance) -> TaskInstance:
         if isinstance(name, TaskInstance):
             name = name.name
-        found = self._current_instances([name]).get(name)
-        if found is None:
-            raise InstanceNotFound(
-                f"Session {self.uid!r} has no task instance {name!r}.",
-                session_uid=self.uid,
-                instance_name=name,
-            )
-        return found
+        return self._handed(self._view(Want(instances=[name])).instance(name))
 
     def instances_of_task(self, task: str | TaskConfig) -> list[TaskInstance]:
         """Every instance of one task, in number order."""
         task_name = task.name if isinstance(task, TaskConfig) else task
-        state = self._current_state()
-        names = [instance_name(task_name, n) for n in range(state.counters.get(task_name, 0))]
-        found = self._current_instances(names)
-        return [found[n] for n in names if n in found]
+        step = self._view(Want(counters=[task_name]))
+        names = [instance_name(task_name, n) for n in range(step.count(task_name))]
+        step.need(Want(instances=names))
+        return [self._handed(found) for found in map(step.find, names) if found is not None]
 
     def get_unresolved_tasks(self) -> list[TaskConfig]:
         """Tasks with no instance yet, or with at least one unresolved instance."""
-        state = self._current_state()
-        open_tasks = {instance.config.name for instance in state.open.values()}
-        return [
-            config for name, config in state.tasks.items()
-            if state.counters.get(name, 0) == 0 or name in open_tasks
-        ]
+        step = self._view(Want(open=True))
+        step.need(Want(counters=step.tasks))
+        open_tasks = {instance.task_name for instance in step.open_instances()}
+        return [config for name, config in step.tasks.items()
+                if step.count(name) == 0 or name in open_tasks]
 
     def get_unresolved_instances(self) -> list[TaskInstance]:
-        state = self._current_state()
-        names = sorted(state.open, key=_instance_sort_key)
-        found = self._current_instances(names)
-        return [found[n] for n in names if n in found]
+        return [self._handed(i) for i in self._view(Want(open=True)).open_instances()]
 
     def get_instances_with_unresolved_logs(self) -> list[TaskInstance]:
         """Instances that logged a warning or worse whose logs are not marked resolved."""
@@ -746,14 +1052,16 @@ class BaseTriggerStorage:
 
     def debug_repr(self) -> dict[str, Any]:
         """The whole session as JSON-ready data, for logs and debugging."""
-        state = self._current_state()
+        step = self._view(Want(everything=True))
+        found = step.all_instances()
         return {
             "uid": self.uid,
             "backend": type(self).__name__,
-            "tasks": {name: config.to_dict() for name, config in state.tasks.items()},
-            "instances": {name: instance.to_dict() for name, instance in self.instances.items()},
-            "metadata": {**state.metadata, "latest_kwargs": state.latest_kwargs,
-                         "counters": state.counters},
+            "tasks": {name: config.to_dict() for name, config in step.tasks.items()},
+            "instances": {name: found[name].to_dict()
+                          for name in sorted(found, key=_instance_sort_key)},
+            "metadata": {**step.session_metadata, "latest_kwargs": step.latest_kwargs,
+                         "counters": step.counters},
         }
 
     # -- changes outside the manager ----------------------------------------
@@ -798,17 +1106,13 @@ class BaseTriggerStorage:
     def clone_instance(self, task_instance: TaskInstance | str) -> TaskInstance:
         """Store an unstarted copy of an instance (new number; ``parent`` names the original)."""
         name = task_instance.name if isinstance(task_instance, TaskInstance) else task_instance
+
         def clone(step: SessionStep) -> TaskInstance:
             original = step.instance(name)
             return step.new_instance(original.config, original.kwargs, STATUS_UNSTARTED,
                                      {"parent": original.name}, original.abandon_state)
 
-        return self._handed(self.transact(clone))
-
-    def _handed(self, instance: TaskInstance) -> TaskInstance:
-        """Inside a lock block, the instance is live: changes made to it are saved."""
-        held = self._held_here()
-        return held.hand(instance) if held is not None else instance
+        return self._handed(self.transact(clone, Want(instances=[name])))
 
     def _resolve_config(self, step: SessionStep, task_config: TaskConfig | str) -> TaskConfig:
         name = task_config.name if isinstance(task_config, TaskConfig) else task_config
@@ -822,16 +1126,153 @@ class BaseTriggerStorage:
             ) from None
 
 
-#: Registry of storage backends: ``storage_backends.get('cache', uid)`` (also importable
-#: from :mod:`triggers.storages`).
-storage_backends = TriggersRegistry("triggers.storages", "storage backend")
-
-
-def _clone(instance: TaskInstance) -> TaskInstance:
-    return TaskInstance(instance.name, instance.config, copy.deepcopy(instance.kwargs),
-                        instance.status, copy.deepcopy(instance.metadata), instance.abandon_state)
-
-
 def _instance_sort_key(name: str) -> tuple[str, int]:
     task, _, number = name.rpartition("#")
     return task, int(number) if number.isdigit() else -1
+
+
+
+
+class SessionRecord:
+    """The per-session fields as one record (pessimistic backends keep it whole)."""
+
+    __slots__ = ("counters", "history_seq", "latest", "meta", "open", "version")
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        data = data or {}
+        if "fmt" not in data and data:
+            raise ValueError("it is not a session record of this release")
+        for part in ("n", "k", "m"):
+            if not isinstance(data.get(part) or {}, Mapping):
+                raise ValueError(f"{part!r} is a {type(data[part]).__name__}, not an object")
+        if not all(isinstance(n, int) and not isinstance(n, bool)
+                   for n in (data.get("n") or {}).values()):
+            raise ValueError("a counter is not an integer")
+        if not all(kwargs is None or isinstance(kwargs, Mapping)
+                   for kwargs in (data.get("k") or {}).values()):
+            raise ValueError("latest kwargs must be objects")
+        self.version: str | None = data.get("v")
+        self.counters: dict[str, int] = dict(data.get("n") or {})
+        self.latest: dict[str, Any] = dict(data.get("k") or {})
+        self.meta: dict[str, Any] = dict(data.get("m") or {})
+        self.open: int = int(data.get("o") or 0)
+        self.history_seq: int = int(data.get("h") or 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fmt": FORMAT_VERSION, "v": self.version, "n": self.counters, "k": self.latest,
+                "m": self.meta, "o": self.open, "h": self.history_seq}
+
+    def apply(self, step: SessionStep) -> list[dict[str, Any]]:
+        """Apply the step's session-level changes; returns its history events."""
+        if step.new_config is not None:
+            self.version = step.new_config.version
+        self.counters.update(step.new_counters)
+        self.latest.update(step.new_latest)
+        self.meta.update(step.new_meta)
+        self.open += step.open_delta()
+        events = step.history()
+        self.history_seq += len(events)
+        return events
+
+
+class RecordStorage(BaseTriggerStorage):
+    """Base of the pessimistic backends that keep a session as records (database, memory, cache).
+
+    A step holds ``exclusive()`` (a transaction, a lock) from its first read to
+    its write; subclasses read and write records with the primitives below.
+    """
+
+    def _read_session(self) -> SessionRecord | None:
+        raise NotImplementedError
+
+    def _read_config(self) -> Any:
+        raise NotImplementedError
+
+    def _read_waiting(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, Any]]]:
+        """Raw records of the waiting instances of each task."""
+        raise NotImplementedError
+
+    def _read_instances(self, names: Iterable[str]) -> dict[str, tuple[Any, str]]:
+        """Raw record and place of each named instance that exists."""
+        raise NotImplementedError
+
+    def _read_open(self, everything: bool) -> list[tuple[str, Any, str]]:
+        """Raw records and places of the open instances (of every instance if ``everything``)."""
+        raise NotImplementedError
+
+    def _write(self, step: SessionStep, session: SessionRecord,
+               events: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def _where(self) -> str:
+        return type(self).__name__
+
+    def _session_of(self, step: SessionStep) -> SessionRecord | None:
+        if "session" not in step.observed:
+            try:
+                step.observed["session"] = self._read_session()
+            except (TypeError, ValueError, AttributeError) as exc:
+                if isinstance(exc, CorruptSessionState):
+                    raise
+                raise records.corrupt(self.uid, self._where(), str(exc)) from exc
+        session: SessionRecord | None = step.observed["session"]
+        return session
+
+    def _instance(self, name: str, raw: Any, config: records.ParsedConfig) -> TaskInstance:
+        data = records.decode(raw, self.uid, self._where()) if isinstance(raw, (str, bytes)) \
+            else raw
+        return records.instance_from_json(name, data, config.tasks, self.uid, self._where())
+
+    def load(self, step: SessionStep, want: Want) -> None:
+        session = self._session_of(step)
+        if step.config is None:
+            parsed = records.EMPTY_CONFIG
+            if session is not None and session.version:
+                parsed = records.cached_config(session.version) or records.parse_config(
+                    self._read_config(), self.uid, self._where(), session.version)
+            step.loaded_config(parsed)
+        config = step.config
+        assert config is not None
+        want = want.expand(config)
+        session = session or SessionRecord()
+        if want.everything:
+            want.counters |= set(config.tasks) | set(session.counters)
+            for trigger, kwargs in session.latest.items():
+                step.loaded_latest(trigger, kwargs)
+            step.loaded_latest("", None, complete=True)
+            for key, value in session.meta.items():
+                step.loaded_meta(key, value)
+            step.loaded_meta("", None, complete=True)
+        for task in want.counters:
+            step.loaded_counter(task, int(session.counters.get(task, 0)))
+        for trigger in want.latest:
+            step.loaded_latest(trigger, session.latest.get(trigger))
+        for key in want.meta:
+            step.loaded_meta(key, session.meta.get(key))
+        if want.waiting:
+            for task, found in self._read_waiting(sorted(want.waiting)).items():
+                step.loaded_waiting(task, [self._instance(n, raw, config) for n, raw in found])
+        if want.instances:
+            found_by_name = self._read_instances(sorted(want.instances))
+            for name in want.instances:
+                raw_place = found_by_name.get(name)
+                step.loaded_instance(
+                    name, self._instance(name, raw_place[0], config) if raw_place else None,
+                    raw_place[1] if raw_place else None)
+        if want.open or want.everything:
+            rows = self._read_open(want.everything)
+            instances = [self._instance(name, raw, config) for name, raw, _place in rows]
+            for instance, (_name, _raw, place) in zip(instances, rows, strict=True):
+                step.loaded_instance(instance.name, instance, place)
+            step.loaded_open(i for i in instances if not i.is_resolved)
+            if want.everything:
+                for task in config.tasks:
+                    step.loaded_waiting(task, [i for i in instances if i.task_name == task
+                                               and records.place_of(i) == records.PLACE_WAITING])
+
+    def commit(self, step: SessionStep) -> bool:
+        session = self._session_of(step) or SessionRecord()
+        events = session.apply(step)
+        self._write(step, session, events)
+        step.observed.pop("session", None)
+        return True

@@ -1,90 +1,52 @@
 """Session state in a Django cache (Redis in production).
 
-Layout, every key sharing the hash tag ``{uid}`` so that a session's keys live
-on one Redis Cluster shard::
+On a Redis cache (django-redis, or Django's built-in ``RedisCache``) the
+storage talks to Redis directly with the cache's connection and shares its
+layout and its optimistic two-round-trip steps with the ``redis`` storage
+(:mod:`triggers.storages.redis`), under the cache's key prefix: values are
+JSON text, not the cache's pickles.
 
-    triggers:{<uid>}:state      configuration, latest kwargs, counters, open instances
-    triggers:{<uid>}:done       hash: resolved instance name -> instance (Redis caches)
-    triggers:{<uid>}:i:<name>   one resolved instance (other caches)
-    lock:triggers:{<uid>}:lock  the session lock (python-redis-lock)
-
-Values are compact JSON. On a Redis cache (django-redis, or Django's built-in
-``RedisCache``) the backend talks to Redis directly with the cache's
-connection, so values are stored as JSON text rather than through the cache's
-pickling serializer, and a write is one pipelined ``MULTI/EXEC`` that also
-renews the expiry of the resolved-instances hash, so a session expires as a
-whole ``timeout`` seconds after its last change. On any other cache it goes
-through the cache API (``get``/``set_many``; each resolved instance is a key of
-its own, with its own expiry) and locks with the atomic ``cache.add``.
+On any other cache it keeps the same records as cache keys (the per-session
+record, the configuration, the waiting instances of each task, the active
+instances, one key per done instance, the history) and a step holds the
+session lock (the atomic ``cache.add``) from its first read to its write.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager, ExitStack
-from typing import Any, TypeVar, cast
+from collections.abc import Iterable, Iterator
+from typing import Any
 
-from triggers import _json as stored_json
-from triggers.exceptions import (
-    CorruptSessionState,
-    InvalidArgument,
-    LockNotReentrant,
-    LockTimeout,
-    StorageError,
-)
+from triggers.exceptions import InvalidArgument, StorageError
 from triggers.locking import (
     DEFAULT_LOCK_EXPIRE,
     DEFAULT_LOCK_TIMEOUT,
     BaseLock,
     CacheSessionLock,
-    RedisSessionLock,
-    held_locks,
     redis_client_for_cache,
 )
+from triggers.storages import _records as records
 from triggers.storages.base import (
-    BaseTriggerStorage,
-    SessionState,
+    RecordStorage,
+    SessionRecord,
     SessionStep,
-    StateChanges,
-    dumps,
-    instance_from_json,
+    Want,
+    history_limit,
 )
-from triggers.types import TaskConfig, TaskInstance
+from triggers.storages.redis import RedisEngine, locked_step, scan_uids
 
 __all__ = ["CacheStorageBackend"]
 
 _NOT_GIVEN: Any = object()
-T = TypeVar("T")
-
-# Outcomes of one optimistic attempt.
-_DONE, _CONFLICT, _LOCKED = object(), object(), object()
-#: Conflicts after which a step takes the session lock, so that it cannot starve.
-_CONFLICTS_BEFORE_LOCKING = 8
 
 
-def _reply(connection: Any) -> Any:
-    """Read one reply; an error reply is returned (as the exception), not raised."""
-    from redis.exceptions import ResponseError
-
-    try:
-        return connection.read_response()
-    except ResponseError as exc:
-        return exc
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-class CacheStorageBackend(BaseTriggerStorage):
+class CacheStorageBackend(RecordStorage):
     """Keeps a session's state in a Django cache alias.
 
     :param uid: the session UID.
     :param cache: the alias in ``settings.CACHES``.
-    :param timeout: seconds each written key lives; ``None`` keeps keys forever on
-        Redis (a key's time restarts whenever it is written).
+    :param timeout: seconds a session's keys live after it became idle (nothing
+        unstarted, scheduled, running or failed); ``None``: forever.
     """
 
     name = "cache"
@@ -95,7 +57,8 @@ class CacheStorageBackend(BaseTriggerStorage):
         super().__init__(uid, lock_expire=lock_expire, lock_timeout=lock_timeout)
         if timeout is _NOT_GIVEN:
             timeout = 3600
-        if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                                    or timeout <= 0):
             raise InvalidArgument(
                 f"CacheStorageBackend timeout must be a positive number of seconds or None, "
                 f"got {timeout!r}"
@@ -113,8 +76,14 @@ class CacheStorageBackend(BaseTriggerStorage):
             ) from exc
         self.cache_alias = cache
         self.timeout = timeout
-        self._redis = redis_client_for_cache(self.cache)
         self._prefix = f"triggers:{{{uid}}}:"
+        client = redis_client_for_cache(self.cache)
+        self.engine: RedisEngine | None = None
+        if client is not None:
+            self.engine = RedisEngine(self, client, str(self.cache.make_key(self._prefix)),
+                                      timeout, f"cache {cache!r}")
+        #: On Redis, steps are optimistic (see triggers.storages.redis).
+        self.optimistic = self.engine is not None
 
     def get_options(self) -> dict[str, Any]:
         return {"cache": self.cache_alias, "timeout": self.timeout,
@@ -123,311 +92,74 @@ class CacheStorageBackend(BaseTriggerStorage):
     @property
     def uses_redis(self) -> bool:
         """Whether this backend talks to Redis directly (JSON values, python-redis-lock)."""
-        return self._redis is not None
+        return self.engine is not None
 
-    # -- keys ---------------------------------------------------------------
+    def _where(self) -> str:
+        return f"cache {self.cache_alias!r}"
 
-    def _key(self, suffix: str) -> str:
-        key = self._prefix + suffix
-        if self._redis is not None:
-            return str(self.cache.make_key(key))
-        return key
+    # -- locks ------------------------------------------------------------------
 
-    def _state_key(self) -> str:
-        return self._key("state")
-
-    def _instance_key(self, name: str) -> str:
-        return self._key("i:" + name)
-
-    def _done_key(self) -> str:
-        return self._key("done")
-
-    # -- primitives ---------------------------------------------------------
-
-    def _session_lock(self) -> AbstractContextManager[Any]:
-        name = self._key("lock")
-        if self._redis is not None:
-            return RedisSessionLock(self._redis, name, self.uid, self.lock_expire,
-                                    self.lock_timeout).hold()
-        return CacheSessionLock(self.cache, name, self.uid, self.lock_expire,
+    def session_lock(self) -> Any:
+        if self.engine is not None:
+            return self.engine.lock(self.lock_expire, self.lock_timeout).hold()
+        return CacheSessionLock(self.cache, self._prefix + "lock", self.uid, self.lock_expire,
                                 self.lock_timeout).hold()
 
+    _session_lock = session_lock
+
+    def exclusive(self) -> Any:
+        return self.session_lock()
+
+    def exclusive_step(self) -> Any:
+        if self.engine is not None:
+            return locked_step(self, self.engine)
+        return super().exclusive_step()
+
+    def step_lock(self, timeout: float) -> Any:
+        assert self.engine is not None
+        return self.engine.step_lock(self.lock_expire, timeout)
+
     def _hook_lock(self) -> BaseLock:
-        name = self._key("hooks")
-        if self._redis is not None:
-            return RedisSessionLock(self._redis, name, self.uid, self.lock_expire,
-                                    self.lock_timeout)
-        return CacheSessionLock(self.cache, name, self.uid, self.lock_expire, self.lock_timeout)
+        if self.engine is not None:
+            return self.engine.hook_lock(self.lock_expire, self.lock_timeout)
+        return CacheSessionLock(self.cache, self._prefix + "hooks", self.uid, self.lock_expire,
+                                self.lock_timeout)
 
-    def _get_raw(self, keys: list[str]) -> list[Any]:
-        try:
-            if self._redis is not None:
-                return list(self._redis.mget(keys))
-            found = self.cache.get_many(keys)
-            return [found.get(key) for key in keys]
-        except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
-            raise StorageError(
-                f"Could not read session {self.uid!r} from cache {self.cache_alias!r}: {exc}",
-                session_uid=self.uid,
-            ) from exc
+    # -- the contract: Redis ------------------------------------------------------
 
-    def _decode(self, raw: Any, where: str) -> Any:
-        if isinstance(raw, bytes):
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise CorruptSessionState(
-                    f"Stored state of session {self.uid!r} ({where}) is not UTF-8 JSON text; "
-                    "it may have been written by another program. Nothing was executed.",
-                    session_uid=self.uid,
-                ) from exc
-        if not isinstance(raw, str):
-            raise CorruptSessionState(
-                f"Stored state of session {self.uid!r} ({where}) is a {type(raw).__name__}, "
-                "not JSON text. Nothing was executed.",
-                session_uid=self.uid,
-            )
-        try:
-            return stored_json.loads(raw)
-        except ValueError as exc:
-            raise CorruptSessionState(
-                f"Stored state of session {self.uid!r} ({where}) is not valid JSON ({exc}). "
-                "Nothing was executed.",
-                session_uid=self.uid,
-            ) from exc
-
-    def _read_state(self) -> SessionState:
-        key = self._state_key()
-        if self._redis is not None:
-            from redis.exceptions import ResponseError
-
-            try:
-                raw = self._redis.get(key)
-            except ResponseError as exc:
-                raise CorruptSessionState(
-                    f"Stored state of session {self.uid!r} is corrupt: {key} holds a value of "
-                    f"another type ({exc}). Nothing was executed.", session_uid=self.uid,
-                ) from exc
-            except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
-                raise self._redis_failed(exc) from exc
+    def load(self, step: SessionStep, want: Want) -> None:
+        if self.engine is not None:
+            self.engine.load(step, want)
         else:
-            (raw,) = self._get_raw([key])
-        if raw is None:
-            return SessionState()
-        return SessionState.from_json(self._decode(raw, key), self.uid, key)
+            super().load(step, want)
 
-    def _read_instances(self, names: Iterable[str],
-                        tasks: Mapping[str, TaskConfig]) -> dict[str, TaskInstance]:
-        names = list(names)
-        if not names:
-            return {}
-        if self._redis is not None:
-            where = self._done_key()
-            try:
-                raws = self._redis.hmget(where, names)
-            except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
-                raise StorageError(
-                    f"Could not read session {self.uid!r} from cache {self.cache_alias!r}: {exc}",
-                    session_uid=self.uid,
-                ) from exc
-            wheres = [f"{where}[{name}]" for name in names]
-        else:
-            wheres = [self._instance_key(name) for name in names]
-            raws = self._get_raw(wheres)
-        found = {}
-        for name, key, raw in zip(names, wheres, raws, strict=True):
-            if raw is not None:
-                found[name] = instance_from_json(name, self._decode(raw, key), tasks, self.uid, key)
-        return found
+    def commit(self, step: SessionStep) -> bool:
+        if self.engine is not None:
+            return self.engine.commit(step)
+        return super().commit(step)
 
-    def _write_commands(self, changes: StateChanges) -> list[tuple[Any, ...]]:
-        """The Redis commands that persist one step's changes (run inside MULTI/EXEC)."""
-        state_value = dumps(changes.state.to_json())
-        done = self._done_key()
-        expire = self._expire_for(changes)
-        commands: list[tuple[Any, ...]] = [
-            ("SET", self._state_key(), state_value)
-            + (("EX", expire) if expire is not None else ()),
-        ]
-        if changes.resolved:
-            fields: list[Any] = []
-            for name, instance in changes.resolved.items():
-                fields += [name, dumps(instance.to_dict())]
-            commands.append(("HSET", done, *fields))
-        if changes.unresolved:
-            commands.append(("HDEL", done, *changes.unresolved))
-        if expire is not None:
-            commands.append(("EXPIRE", done, expire))
-        return commands
+    def read_history(self, limit: int | None) -> list[dict[str, Any]]:
+        if self.engine is not None:
+            return self.engine.read_history(limit)
+        events: list[dict[str, Any]] = self._get(["h"]).get("h") or []
+        return events[-limit:] if limit else events
 
-    def _expire_for(self, changes: StateChanges) -> int | None:
-        """The keys' time to live: ``timeout``, stretched to outlive any pending delay."""
-        if self.timeout is None:
-            return None
-        waits = [instance.start_after for instance in changes.state.open.values()
-                 if instance.start_after is not None]
-        if not waits:
-            return self.timeout
-        return max(self.timeout, int(max(waits) - time.time()) + 60)
-
-    def _write_state(self, changes: StateChanges) -> None:
-        try:
-            if self._redis is not None:
-                pipe = self._redis.pipeline(transaction=True)
-                for command in self._write_commands(changes):
-                    pipe.execute_command(*command)
-                pipe.execute()
-            else:
-                values = {self._state_key(): dumps(changes.state.to_json())}
-                values.update({self._instance_key(name): dumps(instance.to_dict())
-                               for name, instance in changes.resolved.items()})
-                expire = self._expire_for(changes)
-                # Instances first: a state that names them must not outlive them.
-                state_key = self._state_key()
-                state_value = values.pop(state_key)
-                failed = list(self.cache.set_many(values, timeout=expire) or []) if values else []
-                if not failed:
-                    failed = list(self.cache.set_many({state_key: state_value}, timeout=expire)
-                                  or [])
-                if failed:
-                    raise StorageError(f"the cache did not store {', '.join(failed)}")
-                if changes.unresolved:
-                    self.cache.delete_many([self._instance_key(n) for n in changes.unresolved])
-        except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
-            raise StorageError(
-                f"Could not write session {self.uid!r} to cache {self.cache_alias!r}: {exc}. "
-                "The step was not applied.",
-                session_uid=self.uid,
-            ) from exc
-
-    # -- optimistic atomic steps (Redis) -------------------------------------
-
-    def _transact(self, step_function: Callable[[SessionStep], T]) -> T:
-        """One atomic step; on Redis an optimistic transaction of two round trips.
-
-        Round trip 1 sends ``WATCH state done lock`` and ``MGET state lock``;
-        round trip 2 sends ``MULTI``, the writes and ``EXEC``. If another process
-        changed the session in between, ``EXEC`` does nothing and the step runs
-        again on the new state. While anyone holds the session lock
-        (:meth:`acquire_lock`) steps wait for it; a step that keeps losing the
-        race takes the lock itself, so no step starves. Waiting ends with
-        LockTimeout after ``lock_timeout`` seconds.
-        """
-        if self._redis is None:
-            return super()._transact(step_function)
-        lock_name = self._key("lock")
-        if lock_name in held_locks():
-            raise LockNotReentrant(
-                f"This thread holds the lock of session {self.uid!r}; a step on that session "
-                "would wait for it forever.", session_uid=self.uid,
-            )
-        deadline = time.monotonic() + self.lock_timeout
-        conflicts = 0
-        delay = 0.001
-        with ExitStack() as stack:
-            own_lock_id: str | None = None
-            while True:
-                outcome, result = self._try_step(step_function, own_lock_id)
-                if outcome is _DONE:
-                    return cast(T, result)
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(
-                        f"Could not apply a step to session {self.uid!r} within "
-                        f"{self.lock_timeout} s: its lock stayed taken or the step kept "
-                        "conflicting with other processes.", session_uid=self.uid,
-                    )
-                if outcome is _CONFLICT:
-                    conflicts += 1
-                    if conflicts >= _CONFLICTS_BEFORE_LOCKING and own_lock_id is None:
-                        lock = RedisSessionLock(self._redis, lock_name, self.uid, self.lock_expire,
-                                                max(deadline - time.monotonic(), 0.001))
-                        stack.enter_context(lock.hold())
-                        own_lock_id = lock.owner_id
-                    continue
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.05)
-
-    def _try_step(self, step_function: Callable[[SessionStep], T], own_lock_id: str | None
-                  ) -> tuple[object, T | None]:
-        assert self._redis is not None
-        pool = self._redis.connection_pool
-        state_key, done_key = self._state_key(), self._done_key()
-        lock_key = "lock:" + self._key("lock")
-        try:
-            connection = pool.get_connection()
-        except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
-            raise self._redis_failed(exc) from exc
-        try:
-            try:
-                connection.send_packed_command(connection.pack_commands([
-                    ("WATCH", state_key, done_key, lock_key), ("GET", state_key),
-                    ("TYPE", done_key), ("GET", lock_key),
-                ]))
-                replies = [_reply(connection) for _ in range(4)]
-            except Exception as exc:  # noqa: BLE001
-                connection.disconnect()
-                raise self._redis_failed(exc) from exc
-            _, raw, done_type, owner = replies
-            if isinstance(raw, Exception) or _text(done_type) not in ("hash", "none"):
-                self._unwatch(connection)
-                found = raw if isinstance(raw, Exception) else _text(done_type)
-                raise CorruptSessionState(
-                    f"Stored state of session {self.uid!r} is corrupt: {state_key} or "
-                    f"{done_key} holds a value of another type ({found}). Nothing was executed.",
-                    session_uid=self.uid)
-            if owner is not None and _text(owner) != own_lock_id:
-                self._unwatch(connection)
-                return _LOCKED, None
-            try:
-                state = SessionState() if raw is None else SessionState.from_json(
-                    self._decode(raw, state_key), self.uid, state_key)
-                step = SessionStep(self, state)
-                result = step_function(step)
-                if not step.changed:
-                    self._unwatch(connection)
-                    return _DONE, result
-                commands = [("MULTI",), *self._write_commands(step.changes()), ("EXEC",)]
-            except BaseException:
-                self._unwatch(connection)
-                raise
-            try:
-                # No health check here: a silent reconnect would drop the WATCH.
-                connection.send_packed_command(connection.pack_commands(commands),
-                                               check_health=False)
-                for _ in commands[:-1]:
-                    connection.read_response()
-                executed = connection.read_response()
-            except Exception as exc:  # noqa: BLE001
-                connection.disconnect()
-                raise self._redis_failed(
-                    exc, " The step may or may not have been applied.") from exc
-            if executed is None:
-                return _CONFLICT, None
-            errors = [reply for reply in executed if isinstance(reply, Exception)]
-            if errors:
-                raise StorageError(
-                    f"Redis refused part of a step of session {self.uid!r}: {errors[0]}. "
-                    "Inspect the session; it may be partly updated.", session_uid=self.uid)
-            return _DONE, result
-        finally:
-            pool.release(connection)
-
-    def _unwatch(self, connection: Any) -> None:
-        try:
-            connection.send_command("UNWATCH")
-            connection.read_response()
-        except Exception:  # noqa: BLE001 - a broken connection must not be reused
-            connection.disconnect()
-
-    def _redis_failed(self, exc: BaseException, more: str = "") -> StorageError:
-        return StorageError(
-            f"Redis failed for session {self.uid!r} (cache {self.cache_alias!r}): "
-            f"{type(exc).__name__}: {exc}.{more}",
-            session_uid=self.uid,
-        )
+    def delete(self) -> None:
+        """Remove everything this session stored."""
+        if self.engine is not None:
+            self.engine.delete()
+            return
+        session = self._read_session()
+        keys = ["s", "c", "a", "h"]
+        if session is not None:
+            config = self._config_of(session)
+            keys += ["w:" + task for task in config.tasks]
+            keys += [f"d:{task}#{n}" for task, count in session.counters.items()
+                     for n in range(count)]
+        self.cache.delete_many([self._prefix + key for key in keys])
 
     @classmethod
-    def session_uids(cls, cache: str = "default") -> list[str]:
+    def session_uids(cls, cache: str = "default", **_options: Any) -> Iterator[str]:
         """UIDs of every session stored in a Redis cache alias (SCAN; not the hot path)."""
         from django.core.cache import caches
 
@@ -438,24 +170,133 @@ class CacheStorageBackend(BaseTriggerStorage):
                 f"Cache {cache!r} is not a Redis cache: its sessions cannot be listed; "
                 "name the session UIDs explicitly."
             )
-        pattern = str(backend.make_key("triggers:{*}:state"))
-        uids = set()
-        for key in client.scan_iter(match=pattern, count=1000):
-            text = key.decode() if isinstance(key, bytes) else key
-            start = text.index("triggers:{") + len("triggers:{")
-            uids.add(text[start:text.rindex("}:state")])
-        return sorted(uids)
+        prefix = str(backend.make_key("triggers:"))
+        yield from scan_uids(client, prefix)
 
-    def delete(self) -> None:
-        """Remove everything this session stored."""
-        if self._redis is not None:
-            self._redis.delete(self._state_key(), self._done_key())
-            return
-        state = self._read_state()
-        keys = [self._state_key()]
-        keys += [self._instance_key(f"{task}#{n}")
-                 for task, count in state.counters.items() for n in range(count)]
-        self.cache.delete_many(keys)
+    # -- the contract: any other cache (records as cache keys, under the lock) ----
+
+    def _get(self, keys: list[str]) -> dict[str, Any]:
+        try:
+            found = self.cache.get_many([self._prefix + key for key in keys])
+        except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
+            raise StorageError(f"Could not read session {self.uid!r} from cache "
+                               f"{self.cache_alias!r}: {exc}", session_uid=self.uid) from exc
+        values = {}
+        for key in keys:
+            raw = found.get(self._prefix + key)
+            if raw is not None:
+                values[key] = records.decode(raw, self.uid, self._prefix + key)
+        return values
+
+    def _read_session(self) -> SessionRecord | None:
+        data = self._get(["s"]).get("s")
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise records.corrupt(self.uid, self._prefix + "s", "not an object")
+        try:
+            return SessionRecord(data)
+        except ValueError as exc:
+            raise records.corrupt(self.uid, self._prefix + "s", str(exc)) from exc
+
+    def _read_config(self) -> Any:
+        return self._get(["c"]).get("c")
+
+    def _config_of(self, session: SessionRecord) -> records.ParsedConfig:
+        if not session.version:
+            return records.EMPTY_CONFIG
+        return records.cached_config(session.version) or records.parse_config(
+            self._read_config(), self.uid, self._where(), session.version)
+
+    def _read_waiting(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, Any]]]:
+        tasks = list(tasks)
+        found = self._get(["w:" + task for task in tasks])
+        return {task: list((found.get("w:" + task) or {}).items()) for task in tasks}
+
+    def _read_instances(self, names: Iterable[str]) -> dict[str, tuple[Any, str]]:
+        names = list(names)
+        keys = {"a"} | {"w:" + name.rsplit("#", 1)[0] for name in names}
+        keys |= {"d:" + name for name in names}
+        values = self._get(sorted(keys))
+        found: dict[str, tuple[Any, str]] = {}
+        for name in names:
+            waiting = values.get("w:" + name.rsplit("#", 1)[0]) or {}
+            if name in waiting:
+                found[name] = (waiting[name], records.PLACE_WAITING)
+            elif name in (values.get("a") or {}):
+                found[name] = (values["a"][name], records.PLACE_ACTIVE)
+            elif "d:" + name in values:
+                found[name] = (values["d:" + name], records.PLACE_DONE)
+        return found
+
+    def _read_open(self, everything: bool) -> list[tuple[str, Any, str]]:
+        session = self._read_session()
+        if session is None:
+            return []
+        config = self._config_of(session)
+        keys = ["a"] + ["w:" + task for task in config.tasks]
+        if everything:
+            keys += [f"d:{task}#{n}" for task, count in session.counters.items()
+                     for n in range(count)]
+        values = self._get(keys)
+        rows = [(name, raw, records.PLACE_WAITING) for task in config.tasks
+                for name, raw in (values.get("w:" + task) or {}).items()]
+        rows += [(name, raw, records.PLACE_ACTIVE) for name, raw in (values.get("a") or {}).items()]
+        rows += [(key[2:], raw, records.PLACE_DONE) for key, raw in values.items()
+                 if key.startswith("d:")]
+        return rows
+
+    def _write(self, step: SessionStep, session: SessionRecord,
+               events: list[dict[str, Any]]) -> None:
+        config = step.new_config or step.config
+        assert config is not None
+        changed_tasks = {instance.task_name for instance, before, after in step.moves()
+                         if records.PLACE_WAITING in (before, after)}
+        active_changed = any(records.PLACE_ACTIVE in (before, after)
+                             for _i, before, after in step.moves())
+        current = self._get(["w:" + task for task in changed_tasks]
+                            + (["a"] if active_changed else []) + (["h"] if events else []))
+        values: dict[str, Any] = {}
+        deletes: list[str] = []
+        for instance, before, after in step.moves():
+            name, task = instance.name, instance.task_name
+            for place in (before, after):
+                if place == records.PLACE_WAITING:
+                    current.setdefault("w:" + task, {}).pop(name, None)
+                elif place == records.PLACE_ACTIVE:
+                    current.setdefault("a", {}).pop(name, None)
+                elif place == records.PLACE_DONE and place != after:
+                    deletes.append("d:" + name)
+            data = instance.to_dict()
+            if after == records.PLACE_WAITING:
+                current.setdefault("w:" + task, {})[name] = data
+            elif after == records.PLACE_ACTIVE:
+                current.setdefault("a", {})[name] = data
+            else:
+                values["d:" + name] = data
+        limit = history_limit()
+        if events and limit:
+            current["h"] = (list(current.get("h") or []) + events)[-limit:]
+        values.update(current)
+        if step.new_config is not None:
+            values["c"] = step.new_config.raw
+        values["s"] = session.to_json()
+        # Keys live forever while the session has open work, ``timeout`` after it is idle.
+        expire = self.timeout if session.open <= 0 else None
+        try:
+            failed = list(self.cache.set_many(
+                {self._prefix + key: records.dumps(value) for key, value in values.items()},
+                timeout=expire) or [])
+            if deletes:
+                self.cache.delete_many([self._prefix + key for key in deletes])
+        except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
+            raise StorageError(
+                f"Could not write session {self.uid!r} to cache {self.cache_alias!r}: {exc}. "
+                "The step was not applied.", session_uid=self.uid) from exc
+        if failed:
+            raise StorageError(f"The cache {self.cache_alias!r} did not store "
+                               f"{', '.join(failed)} of session {self.uid!r}.",
+                               session_uid=self.uid)
 
 
 def _cache_aliases() -> list[str]:

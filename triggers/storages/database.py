@@ -1,13 +1,16 @@
 """Session state in the Django database (SQLite, PostgreSQL …): the embedded default.
 
-Two tables (:mod:`triggers.models`): one row per session holding the
-configuration, latest kwargs, counters and metadata as JSON, and one row per
-task instance. A step is one database transaction that starts by updating the
-session's row — which takes its row lock (and, on SQLite, the database's write
-lock), so steps on one session queue up instead of conflicting — then reads the
-session row and the session's *open* instances, decides, and writes the session
-row and the instances that changed. Resolved instances are not read by
-``fire()``, so its cost does not depend on the session's history.
+Tables (:mod:`triggers.models`): one row per session holding the per-session
+fields (configuration version, counters, latest kwargs, metadata) as JSON and
+the configuration, one row per task instance (flagged *waiting* and *resolved*,
+with partial indexes on both), and one row per history event. A step is one
+database transaction that starts by updating the session's row — which takes
+its row lock (and, on SQLite, the database's write lock), so steps on one
+session queue up instead of conflicting — then reads the session row and only
+the instances it needs (for a fired trigger: the waiting instances of the tasks
+that react to it), decides, and writes the rows that changed. Neither the
+session's history nor its failed instances are read by ``fire()``, so its cost
+depends on neither.
 
 Dispatch waits for the transaction to commit (``transaction.on_commit``): called
 inside an outer transaction (``ATOMIC_REQUESTS``, ``transaction.atomic()``),
@@ -21,7 +24,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,21 +33,18 @@ from django.utils import timezone
 
 from triggers.exceptions import InvalidArgument, LockError, LockTimeout, StorageError
 from triggers.locking import DEFAULT_LOCK_EXPIRE, DEFAULT_LOCK_TIMEOUT, BaseLock
-from triggers.storages.base import (
-    BaseTriggerStorage,
-    SessionState,
-    SessionStep,
-    StateChanges,
-    instance_from_json,
-)
-from triggers.types import TaskConfig, TaskInstance
+from triggers.storages import _records as records
+from triggers.storages.base import RecordStorage, SessionRecord, SessionStep, history_limit
 
 __all__ = ["DatabaseLock", "DatabaseStorageBackend"]
 
 logger = logging.getLogger(__name__)
 
+#: History rows are trimmed to the limit once per this many events.
+_TRIM_EVERY = 100
 
-class DatabaseStorageBackend(BaseTriggerStorage):
+
+class DatabaseStorageBackend(RecordStorage):
     """Keeps a session's state in the Django database ``using`` (default ``default``).
 
     Add ``"triggers"`` to ``INSTALLED_APPS`` and run ``manage.py migrate``.
@@ -68,13 +68,16 @@ class DatabaseStorageBackend(BaseTriggerStorage):
         return {"using": self.using, "lock_expire": self.lock_expire,
                 "lock_timeout": self.lock_timeout}
 
+    def _where(self) -> str:
+        return f"database {self.using!r}"
+
     # -- models ---------------------------------------------------------------
 
     @staticmethod
-    def _models() -> tuple[Any, Any]:
-        from triggers.models import TriggerInstance, TriggerSession
+    def _models() -> tuple[Any, Any, Any]:
+        from triggers.models import TriggerEvent, TriggerInstance, TriggerSession
 
-        return TriggerSession, TriggerInstance
+        return TriggerSession, TriggerInstance, TriggerEvent
 
     def _failed(self, exc: Exception, doing: str) -> StorageError:
         return StorageError(
@@ -82,19 +85,25 @@ class DatabaseStorageBackend(BaseTriggerStorage):
             f"{type(exc).__name__}: {exc}", session_uid=self.uid,
         )
 
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        from django.db import DatabaseError
+
+        try:
+            yield
+        except DatabaseError as exc:
+            raise self._failed(exc, "reading") from exc
+
     # -- atomic steps ---------------------------------------------------------
 
-    @contextmanager
-    def atomic(self) -> Iterator[SessionStep]:
+    def exclusive(self) -> Any:
         """One transaction holding the session's row lock; nothing is written on error."""
-        with self._session_transaction():
-            step = SessionStep(self, self._read_state())
-            yield step
-            if step.changed:
-                self._write_state(step.changes())
-
-    def _session_lock(self) -> Any:
         return self._session_transaction()
+
+    def session_lock(self) -> Any:
+        return self._session_transaction()
+
+    _session_lock = session_lock
 
     @contextmanager
     def _session_transaction(self) -> Iterator[None]:
@@ -127,7 +136,7 @@ class DatabaseStorageBackend(BaseTriggerStorage):
                 cursor.execute(f"SET LOCAL lock_timeout = {wait_ms}")
             elif connection.vendor == "sqlite":
                 cursor.execute(f"PRAGMA busy_timeout = {wait_ms}")
-        session_model, _ = self._models()
+        session_model = self._models()[0]
         rows = session_model.objects.using(self.using).filter(uid=self.uid)
         if rows.update(modified=timezone.now()):
             return
@@ -145,82 +154,103 @@ class DatabaseStorageBackend(BaseTriggerStorage):
         return DatabaseLock(self.using, f"hooks:{self.uid}", self.uid, self.lock_expire,
                             self.lock_timeout)
 
-    # -- primitives -----------------------------------------------------------
+    # -- records ----------------------------------------------------------------
 
-    def _read_state(self) -> SessionState:
-        from django.db import DatabaseError
-
-        session_model, instance_model = self._models()
+    def _read_session(self) -> SessionRecord | None:
+        with self._reading():
+            state = (self._models()[0].objects.using(self.using).filter(uid=self.uid)
+                     .values_list("state", flat=True).first())
+        if not state:
+            return None
+        if not isinstance(state, dict):
+            raise records.corrupt(self.uid, self._where(), "the session row is not an object")
         try:
-            data = (session_model.objects.using(self.using).filter(uid=self.uid)
-                    .values_list("state", flat=True).first())
-            if not data:
-                return SessionState()
-            open_rows = list(instance_model.objects.using(self.using)
-                             .filter(session_id=self.uid, resolved=False).order_by()
-                             .values_list("name", "status", "kwargs", "metadata", "unless"))
-        except DatabaseError as exc:
-            raise self._failed(exc, "reading") from exc
-        if isinstance(data, Mapping):
-            data = dict(data)
-            data["open"] = {name: {"status": status, "kwargs": kwargs, "meta": meta,
-                                   "unless": unless}
-                            for name, status, kwargs, meta, unless in open_rows}
-        return SessionState.from_json(data, self.uid, f"database {self.using!r}")
+            return SessionRecord(state)
+        except ValueError as exc:
+            raise records.corrupt(self.uid, self._where(), str(exc)) from exc
 
-    def _read_instances(self, names: Iterable[str],
-                        tasks: Mapping[str, TaskConfig]) -> dict[str, TaskInstance]:
-        from django.db import DatabaseError
+    def _read_config(self) -> Any:
+        with self._reading():
+            return (self._models()[0].objects.using(self.using).filter(uid=self.uid)
+                    .values_list("config", flat=True).first()) or None
 
-        _, instance_model = self._models()
-        names = list(names)
-        if not names:
-            return {}
-        try:
-            rows = list(instance_model.objects.using(self.using)
-                        .filter(session_id=self.uid, name__in=names).order_by()
-                        .values_list("name", "status", "kwargs", "metadata", "unless"))
-        except DatabaseError as exc:
-            raise self._failed(exc, "reading") from exc
-        where = f"database {self.using!r}"
-        return {name: instance_from_json(name, {"status": status, "kwargs": kwargs, "meta": meta,
-                                                "unless": unless}, tasks, self.uid, where)
-                for name, status, kwargs, meta, unless in rows}
+    def _rows(self, **filters: Any) -> list[tuple[str, Any, str]]:
+        with self._reading():
+            rows = list(self._models()[1].objects.using(self.using)
+                        .filter(session_id=self.uid, **filters).order_by()
+                        .values_list("name", "status", "kwargs", "metadata", "unless",
+                                     "waiting", "resolved"))
+        return [(name, {"status": status, "kwargs": kwargs, "meta": meta, "unless": unless},
+                 records.PLACE_WAITING if waiting else records.PLACE_DONE if resolved
+                 else records.PLACE_ACTIVE)
+                for name, status, kwargs, meta, unless, waiting, resolved in rows]
 
-    def _write_state(self, changes: StateChanges) -> None:
-        session_model, instance_model = self._models()
-        state = changes.state.to_json()
-        del state["open"]
-        session_model.objects.using(self.using).filter(uid=self.uid).update(
-            state=state, modified=timezone.now())
-        if not changes.dirty:
-            return
-        rows = [
-            instance_model(
-                session_id=self.uid, name=instance.name, task_name=instance.task_name,
-                number=instance.number, status=instance.status.value,
-                resolved=instance.is_resolved, kwargs=instance.kwargs,
-                metadata=instance.metadata, unless=sorted(instance.abandon_state),
+    def _read_waiting(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, Any]]]:
+        tasks = list(tasks)
+        found: dict[str, list[tuple[str, Any]]] = {task: [] for task in tasks}
+        for name, raw, _place in self._rows(waiting=True, task_name__in=tasks):
+            found[name.rsplit("#", 1)[0]].append((name, raw))
+        return found
+
+    def _read_instances(self, names: Iterable[str]) -> dict[str, tuple[Any, str]]:
+        return {name: (raw, place) for name, raw, place in self._rows(name__in=list(names))}
+
+    def _read_open(self, everything: bool) -> list[tuple[str, Any, str]]:
+        return self._rows() if everything else self._rows(resolved=False)
+
+    def _write(self, step: SessionStep, session: SessionRecord,
+               events: list[dict[str, Any]]) -> None:
+        session_model, instance_model, event_model = self._models()
+        update: dict[str, Any] = {"state": session.to_json(), "modified": timezone.now()}
+        if step.new_config is not None:
+            update["config"] = step.new_config.raw
+        session_model.objects.using(self.using).filter(uid=self.uid).update(**update)
+        if step.dirty:
+            rows = [
+                instance_model(
+                    session_id=self.uid, name=instance.name, task_name=instance.task_name,
+                    number=instance.number, status=instance.status.value,
+                    waiting=place == records.PLACE_WAITING, resolved=instance.is_resolved,
+                    kwargs=instance.kwargs, metadata=instance.metadata,
+                    unless=sorted(instance.abandon_state),
+                )
+                for instance, _before, place in step.moves()
+            ]
+            instance_model.objects.using(self.using).bulk_create(
+                rows, update_conflicts=True, unique_fields=["session", "name"],
+                update_fields=["status", "waiting", "resolved", "kwargs", "metadata", "unless",
+                               "modified"],
             )
-            for instance in changes.dirty.values()
-        ]
-        instance_model.objects.using(self.using).bulk_create(
-            rows, update_conflicts=True, unique_fields=["session", "name"],
-            update_fields=["status", "resolved", "kwargs", "metadata", "unless", "modified"],
-        )
+        limit = history_limit()
+        if events and limit:
+            first = session.history_seq - len(events) + 1
+            event_model.objects.using(self.using).bulk_create([
+                event_model(session_id=self.uid, seq=first + n, data=event)
+                for n, event in enumerate(events)])
+            if first // _TRIM_EVERY != session.history_seq // _TRIM_EVERY:
+                event_model.objects.using(self.using).filter(
+                    session_id=self.uid, seq__lte=session.history_seq - limit).delete()
+
+    def read_history(self, limit: int | None) -> list[dict[str, Any]]:
+        bound = history_limit()
+        with self._reading():
+            rows = (self._models()[2].objects.using(self.using).filter(session_id=self.uid)
+                    .order_by("-seq").values_list("data", flat=True))
+            found = list(rows[:min(limit or bound, bound) if bound else 0])
+        return found[::-1]
 
     # -- housekeeping ---------------------------------------------------------
 
     @classmethod
-    def session_uids(cls, using: str = "default") -> list[str]:
+    def session_uids(cls, using: str = "default", **_options: Any) -> list[str]:
         """UIDs of every session stored in the database ``using``."""
-        session_model, _ = cls._models()
+        session_model = cls._models()[0]
         return list(session_model.objects.using(using).order_by("uid")
                     .values_list("uid", flat=True))
 
     def delete(self) -> None:
         """Remove everything this session stored."""
-        session_model, _ = self._models()
+        session_model = self._models()[0]
         session_model.objects.using(self.using).filter(uid=self.uid).delete()
         DatabaseLock._model().objects.using(self.using).filter(name=f"hooks:{self.uid}").delete()
 

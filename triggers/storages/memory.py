@@ -1,29 +1,42 @@
 """Session state in this process's memory (registry key ``memory``).
 
 For flows and tests that live in one process: nothing is shared with other
-processes and nothing survives the process. Values are kept as JSON text, so
-they go through the same encoding as the other backends. Built on the
-documented whole-session extension point (``_load_from_backend`` / ``_save``).
+processes and nothing survives the process. Records are kept as JSON text, so
+they go through the same encoding as the other backends, in the same layout:
+per-session fields, waiting instances per task, active and done instances, and
+the history.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from triggers import _json as stored_json
-from triggers.storages.base import BaseTriggerStorage, dumps
+from triggers.storages import _records as records
+from triggers.storages.base import RecordStorage, SessionRecord, SessionStep, history_limit
 
 __all__ = ["MemoryStorageBackend"]
 
 
-class MemoryStorageBackend(BaseTriggerStorage):
+class _Session:
+    __slots__ = ("active", "config", "done", "history", "session", "waiting")
+
+    def __init__(self) -> None:
+        self.session = ""
+        self.config = ""
+        self.waiting: dict[str, dict[str, str]] = {}
+        self.active: dict[str, str] = {}
+        self.done: dict[str, str] = {}
+        self.history: list[str] = []
+
+
+class MemoryStorageBackend(RecordStorage):
     """Keeps sessions in a dict of this process (``namespace`` separates stores)."""
 
     name = "memory"
 
-    _stores: ClassVar[dict[str, dict[str, str]]] = {}
+    _stores: ClassVar[dict[str, dict[str, _Session]]] = {}
     _guard: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, uid: str, namespace: str = "default", **options: Any) -> None:
@@ -35,18 +48,82 @@ class MemoryStorageBackend(BaseTriggerStorage):
     def get_options(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "lock_timeout": self.lock_timeout}
 
-    def _load_from_backend(self) -> tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]:
-        raw = self._store.get(self.uid)
-        if raw is None:
-            return {}, {}, {}
-        data = stored_json.loads(raw)
-        return data["tasks"], data["instances"], data["metadata"]
+    def exclusive(self) -> Any:
+        return self.session_lock()
 
-    def _save(self) -> None:
-        self._store[self.uid] = dumps(self.serialize())
+    def _data(self) -> _Session | None:
+        return self._store.get(self.uid)
+
+    def _read_session(self) -> SessionRecord | None:
+        data = self._data()
+        if data is None or not data.session:
+            return None
+        return SessionRecord(records.decode(data.session, self.uid, "memory"))
+
+    def _read_config(self) -> Any:
+        data = self._data()
+        return records.decode(data.config, self.uid, "memory") if data and data.config else None
+
+    def _read_waiting(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, Any]]]:
+        data = self._data()
+        return {task: list((data.waiting.get(task) or {}).items()) if data else []
+                for task in tasks}
+
+    def _read_instances(self, names: Iterable[str]) -> dict[str, tuple[Any, str]]:
+        data = self._data()
+        found: dict[str, tuple[Any, str]] = {}
+        if data is None:
+            return found
+        for name in names:
+            waiting = data.waiting.get(name.rsplit("#", 1)[0]) or {}
+            for place, where in ((records.PLACE_WAITING, waiting),
+                                 (records.PLACE_ACTIVE, data.active),
+                                 (records.PLACE_DONE, data.done)):
+                if name in where:
+                    found[name] = (where[name], place)
+                    break
+        return found
+
+    def _read_open(self, everything: bool) -> list[tuple[str, Any, str]]:
+        data = self._data()
+        if data is None:
+            return []
+        rows = [(name, raw, records.PLACE_WAITING) for waiting in data.waiting.values()
+                for name, raw in waiting.items()]
+        rows += [(name, raw, records.PLACE_ACTIVE) for name, raw in data.active.items()]
+        if everything:
+            rows += [(name, raw, records.PLACE_DONE) for name, raw in data.done.items()]
+        return rows
+
+    def _write(self, step: SessionStep, session: SessionRecord,
+               events: list[dict[str, Any]]) -> None:
+        data = self._data() or _Session()
+        if step.new_config is not None:
+            data.config = records.dumps(step.new_config.raw)
+        places = {records.PLACE_ACTIVE: data.active, records.PLACE_DONE: data.done}
+        for instance, before, after in step.moves():
+            task = instance.task_name
+            if before is not None and before != after:
+                where = data.waiting.get(task, {}) if before == records.PLACE_WAITING \
+                    else places[before]
+                where.pop(instance.name, None)
+            target = data.waiting.setdefault(task, {}) if after == records.PLACE_WAITING \
+                else places[after]
+            target[instance.name] = records.instance_to_json(instance)
+        limit = history_limit()
+        if limit:
+            data.history = (data.history + [records.dumps(e) for e in events])[-limit:]
+        data.session = records.dumps(session.to_json())
+        self._store[self.uid] = data
+
+    def read_history(self, limit: int | None) -> list[dict[str, Any]]:
+        data = self._data()
+        events = data.history if data else []
+        return [records.decode(e, self.uid, "memory") for e in (events[-limit:] if limit
+                                                                   else events)]
 
     @classmethod
-    def session_uids(cls, namespace: str = "default") -> list[str]:
+    def session_uids(cls, namespace: str = "default", **_options: Any) -> list[str]:
         return sorted(cls._stores.get(namespace, {}))
 
     def delete(self) -> None:

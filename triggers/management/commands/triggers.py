@@ -91,18 +91,27 @@ class Command(BaseCommand):
         except TriggersError as exc:
             raise CommandError(str(exc)) from exc
 
-    def manager(self, uid: str, options: dict[str, Any]) -> TriggerManager:
+    def storage_key_and_options(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The storage's registry key and keyword arguments: the settings, then the flags
+        (``--cache``, ``--database``, ``--timeout``) for a storage that takes them."""
+        import inspect
+
         from triggers.conf import triggers_settings
+        from triggers.storages import storage_backends
 
         storage = options["storage"] or triggers_settings.STORAGE
         storage_options = triggers_settings.storage_options(storage)
-        if storage == "cache":
-            if options["cache"]:
-                storage_options["cache"] = options["cache"]
-            if options["timeout"] is not _UNSET:
-                storage_options["timeout"] = options["timeout"]
-        elif storage == "db" and options["database"]:
-            storage_options["using"] = options["database"]
+        accepted = inspect.signature(storage_backends.get_class(storage)).parameters
+        for flag, name in (("cache", "cache"), ("database", "using"), ("timeout", "timeout")):
+            value = options.get(flag)
+            if value not in (None, _UNSET) and name in accepted:
+                storage_options[name] = value
+        return storage, storage_options
+
+    def manager(self, uid: str, options: dict[str, Any]) -> TriggerManager:
+        from triggers.conf import triggers_settings
+
+        storage, storage_options = self.storage_key_and_options(options)
         return build_manager(options["manager"] or triggers_settings.MANAGER, storage, uid,
                              storage_options)
 
@@ -147,21 +156,14 @@ class Command(BaseCommand):
     def do_recover(self, options: dict[str, Any]) -> None:
         uids = list(options["uids"])
         if options["all"]:
-            from triggers.conf import triggers_settings
+            from triggers.storages import storage_backends
 
-            storage = options["storage"] or triggers_settings.STORAGE
-            if storage == "cache":
-                from triggers.storages.cache import CacheStorageBackend
-
-                uids += CacheStorageBackend.session_uids(options["cache"]
-                                                         or triggers_settings.CACHE)
-            elif storage == "db":
-                from triggers.storages.database import DatabaseStorageBackend
-
-                uids += DatabaseStorageBackend.session_uids(options["database"]
-                                                            or triggers_settings.DATABASE)
-            else:
-                raise CommandError("--all lists sessions of the cache and database storages only")
+            storage, storage_options = self.storage_key_and_options(options)
+            try:
+                uids += storage_backends.get_class(storage).session_uids(**storage_options)
+            except NotImplementedError as exc:
+                raise CommandError(f"--all cannot list the sessions of storage {storage!r}: "
+                                   f"{exc}; name the session UIDs") from exc
         if not uids:
             raise CommandError("Name the session UIDs to recover, or use --all")
         from triggers.conf import triggers_settings

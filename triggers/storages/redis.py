@@ -1,0 +1,615 @@
+"""Session state in Redis (standalone or Redis Cluster), shared by the ``redis`` and ``cache`` storages.
+
+Layout, every key sharing the session's hash tag ``{uid}`` so that a session
+lives on one Redis Cluster shard (sessions spread over the shards)::
+
+    <prefix>{<uid>}:s      hash: v (configuration version), tasks, i:<trigger> (index),
+                           n:<task> (counters), k:<trigger> (latest kwargs),
+                           m:<key> (metadata), wv:<task> / av (versions), o (open instances)
+    <prefix>{<uid>}:c      the configuration (JSON)
+    <prefix>{<uid>}:w:<task>  hash: the task's waiting instances (unstarted, or delayed)
+    <prefix>{<uid>}:a      hash: active instances (scheduled, running, failed)
+    <prefix>{<uid>}:d      hash: done instances (finished, abandoned, replayed, skipped)
+    <prefix>{<uid>}:h      list: the history (bounded)
+    lock:<prefix>{<uid>}:lock / :hooks   the session and hook locks (python-redis-lock)
+
+A step is optimistic and takes two round trips: a Lua script reads what the
+step needs — for a fired trigger it follows the stored index to the counters
+and waiting instances of the tasks that react to it and the latest kwargs of
+their triggers — and a second script checks that nothing the step read has
+changed (comparing SHA-1 digests of the values, field by field) and applies the
+writes and the history events, or does nothing and the step runs again. Lua
+rather than ``WATCH``: a check per field (not per key) means that steps on one
+session conflict only when they touch the same records, a script needs no
+connection kept between the round trips, and it runs unchanged on Redis
+Cluster. A session expires ``timeout`` seconds after it became idle (nothing
+open), never while it has open work.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from triggers.exceptions import CorruptSessionState, InvalidArgument, StorageError
+from triggers.locking import DEFAULT_LOCK_EXPIRE, DEFAULT_LOCK_TIMEOUT, BaseLock, RedisSessionLock
+from triggers.storages import _records as records
+from triggers.storages.base import (
+    BaseTriggerStorage,
+    SessionStep,
+    Want,
+    history_limit,
+)
+from triggers.types import TaskInstance
+
+__all__ = ["RedisEngine", "RedisStorageBackend"]
+
+_READ = """
+local s, a, d = KEYS[1], KEYS[2], KEYS[3]
+local P = ARGV[1]
+local i = 2
+local function take() local v = ARGV[i]; i = i + 1; return v end
+local fields, seen, tasks, tseen = {'v'}, {v = true}, {}, {}
+local function field(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
+local function task(t)
+  if not tseen[t] then tseen[t] = true; tasks[#tasks + 1] = t; field('n:' .. t); field('wv:' .. t) end
+end
+if redis.call('HEXISTS', s, 'v') == 0 and redis.call('EXISTS', P .. 'state') == 1 then
+  return {'old'}
+end
+local n = tonumber(take())
+for _ = 1, n do
+  local t = take()
+  field('k:' .. t)
+  local ix = redis.call('HGET', s, 'i:' .. t)
+  if ix then
+    local e = cjson.decode(ix)
+    for _, x in ipairs(e[1]) do task(x) end
+    for _, x in ipairs(e[2]) do field('k:' .. x) end
+  end
+end
+n = tonumber(take())
+for _ = 1, n do task(take()) end
+n = tonumber(take())
+for _ = 1, n do field(take()) end
+local names = {}
+n = tonumber(take())
+for _ = 1, n do names[#names + 1] = take() end
+local open = take() == '1'
+local all = take() == '1'
+if open or all then
+  local listed = redis.call('HGET', s, 'tasks')
+  if listed then for _, x in ipairs(cjson.decode(listed)) do task(x) end end
+  field('av')
+end
+local values = redis.call('HMGET', s, unpack(fields))
+local waiting = {}
+for _, t in ipairs(tasks) do
+  waiting[#waiting + 1] = t
+  waiting[#waiting + 1] = redis.call('HGETALL', P .. 'w:' .. t)
+end
+local found = {}
+for _, name in ipairs(names) do
+  local t = string.match(name, '^(.*)#[^#]*$') or name
+  found[#found + 1] = name
+  found[#found + 1] = redis.call('HGET', P .. 'w:' .. t, name)
+  found[#found + 1] = redis.call('HGET', a, name)
+  found[#found + 1] = redis.call('HGET', d, name)
+end
+local active, done, everything = {}, {}, {}
+if open or all then active = redis.call('HGETALL', a) end
+if all then done = redis.call('HGETALL', d); everything = redis.call('HGETALL', s) end
+return {'ok', fields, values, waiting, found, active, done, everything}
+"""
+
+_COMMIT = """
+local lock = KEYS[6]
+if redis.call('EXISTS', lock) == 1 and redis.call('GET', lock) ~= ARGV[1] then return 'locked' end
+local i = 2
+local function take() local v = ARGV[i]; i = i + 1; return v end
+local n = tonumber(take())
+for _ = 1, n do
+  local k, f, e = KEYS[tonumber(take())], take(), take()
+  local v = redis.call('HGET', k, f)
+  local seen = ''
+  if v then seen = redis.sha1hex(v) end
+  if seen ~= e then return 'conflict' end
+end
+n = tonumber(take())
+for _ = 1, n do
+  local op, k, f = take(), KEYS[tonumber(take())], take()
+  if op == 'S' then redis.call('HSET', k, f, take())
+  elseif op == 'D' then redis.call('HDEL', k, f)
+  elseif op == 'I' then redis.call('HINCRBY', k, f, tonumber(take()))
+  elseif op == 'C' then redis.call('SET', k, take())
+  end
+end
+n = tonumber(take())
+local limit = tonumber(take())
+for _ = 1, n do
+  local event = take()
+  if limit > 0 then redis.call('RPUSH', KEYS[4], event) end
+end
+if n > 0 and limit > 0 then redis.call('LTRIM', KEYS[4], -limit, -1) end
+local delta, timeout = tonumber(take()), tonumber(take())
+local open = redis.call('HINCRBY', KEYS[1], 'o', delta)
+if timeout > 0 then
+  if open <= 0 then
+    for j = 1, #KEYS do if j ~= 6 then redis.call('EXPIRE', KEYS[j], timeout) end end
+  elseif open - delta <= 0 then
+    for j = 1, #KEYS do if j ~= 6 then redis.call('PERSIST', KEYS[j]) end end
+  end
+end
+return 'ok'
+"""
+
+_S, _A, _D, _H, _C, _LOCK = 1, 2, 3, 4, 5, 6
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class RedisEngine:
+    """The records of one session in Redis, read and written by two Lua scripts."""
+
+    def __init__(self, storage: BaseTriggerStorage, client: Any, prefix: str,
+                 timeout: int | None, where: str) -> None:
+        self.storage = storage
+        self.uid = storage.uid
+        self.client = client
+        self.prefix = prefix
+        self.timeout = timeout
+        self.where = where
+        self._read = client.register_script(_READ)
+        self._commit = client.register_script(_COMMIT)
+
+    # -- keys -------------------------------------------------------------------
+
+    def key(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+    def waiting_key(self, task: str) -> str:
+        return self.prefix + "w:" + task
+
+    @property
+    def lock_name(self) -> str:
+        return self.prefix + "lock"
+
+    def fixed_keys(self) -> list[str]:
+        return [self.key("s"), self.key("a"), self.key("d"), self.key("h"), self.key("c"),
+                "lock:" + self.lock_name]
+
+    # -- errors -----------------------------------------------------------------
+
+    def failed(self, exc: BaseException, more: str = "") -> StorageError:
+        from redis.exceptions import ResponseError
+
+        if isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc):
+            return CorruptSessionState(
+                f"Stored state of session {self.uid!r} is corrupt: a key of it "
+                f"({self.prefix}…) holds a value of another type ({exc}). Nothing was executed.",
+                session_uid=self.uid)
+        return StorageError(
+            f"Redis failed for session {self.uid!r} ({self.where}): {type(exc).__name__}: "
+            f"{exc}.{more}", session_uid=self.uid)
+
+    def call(self, script: Any, keys: list[str], args: list[Any], more: str = "") -> Any:
+        try:
+            return script(keys=keys, args=args)
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
+            raise self.failed(exc, more) from exc
+
+    # -- reading ------------------------------------------------------------------
+
+    def load(self, step: SessionStep, want: Want) -> None:
+        args: list[Any] = [self.prefix, len(want.triggers), *sorted(want.triggers)]
+        tasks = sorted(want.waiting | want.counters)
+        args += [len(tasks), *tasks]
+        fields = sorted({"k:" + t for t in want.latest} | {"m:" + k for k in want.meta})
+        args += [len(fields), *fields]
+        names = sorted(want.instances)
+        args += [len(names), *names, "1" if want.open else "0", "1" if want.everything else "0"]
+        reply = self.call(self._read, [self.key("s"), self.key("a"), self.key("d")], args)
+        if _text(reply[0]) == "old":
+            self.upgrade()
+            reply = self.call(self._read, [self.key("s"), self.key("a"), self.key("d")], args)
+        _status, fields_read, values, waiting, found, active, done, everything = reply
+        observed: dict[tuple[str, str], str] = step.observed.setdefault("checks", {})
+        session_values: dict[str, Any] = {}
+        for field, raw in zip(fields_read, values, strict=True):
+            name = _text(field)
+            observed.setdefault((self.key("s"), name), records.digest(raw))
+            session_values[name] = raw
+        if step.config is None:
+            step.loaded_config(self.config(session_values.get("v")))
+        config = step.config
+        assert config is not None
+        self._take_session_fields(step, session_values, complete=False)
+        if want.everything:
+            self._take_session_fields(step, records.flatten(everything), complete=True)
+            for task in config.tasks:
+                step.loaded_counter(task, 0)
+        listed = records.flatten(waiting)
+        for task, entries in listed.items():
+            task_name = _text(task)
+            step.loaded_waiting(task_name, [
+                self.instance(_text(n), raw, config) for n, raw in
+                records.flatten(entries).items()])
+        for index in range(0, len(found), 4):
+            name = _text(found[index])
+            wkey = self.waiting_key(name.rsplit("#", 1)[0])
+            instance: TaskInstance | None = None
+            place: str | None = None
+            for raw, key, where in ((found[index + 1], wkey, records.PLACE_WAITING),
+                                    (found[index + 2], self.key("a"), records.PLACE_ACTIVE),
+                                    (found[index + 3], self.key("d"), records.PLACE_DONE)):
+                observed.setdefault((key, name), records.digest(raw))
+                if raw is not None and instance is None:
+                    instance, place = self.instance(name, raw, config), where
+            step.loaded_instance(name, instance, place)
+        if want.open or want.everything:
+            open_ = [self.instance(_text(n), raw, config)
+                     for n, raw in records.flatten(active).items()]
+            for instance in open_:
+                step.loaded_instance(instance.name, instance, records.PLACE_ACTIVE)
+            waiting_now = [i for task in config.tasks for i in step.waiting(task)]
+            step.loaded_open([*waiting_now, *open_])
+        if want.everything:
+            for name, raw in records.flatten(done).items():
+                step.loaded_instance(_text(name), self.instance(_text(name), raw, config),
+                                     records.PLACE_DONE)
+
+    def _take_session_fields(self, step: SessionStep, values: dict[Any, Any],
+                             complete: bool) -> None:
+        for field, raw in values.items():
+            name = _text(field)
+            kind, _, rest = name.partition(":")
+            if kind == "n":
+                try:
+                    step.loaded_counter(rest, int(raw) if raw is not None else 0)
+                except ValueError as exc:
+                    raise records.corrupt(self.uid, self.prefix + "s",
+                                          f"counter {name!r} is {raw!r}") from exc
+            elif kind == "k":
+                step.loaded_latest(rest, self.decode(raw, name) if raw is not None else None)
+            elif kind == "m":
+                step.loaded_meta(rest, self.decode(raw, name) if raw is not None else None)
+        if complete:
+            step.loaded_latest("", None, complete=True)
+            step.loaded_meta("", None, complete=True)
+
+    def decode(self, raw: Any, where: str) -> Any:
+        return records.decode(raw, self.uid, f"{self.prefix}{where}")
+
+    def instance(self, name: str, raw: Any, config: records.ParsedConfig) -> TaskInstance:
+        return records.instance_from_json(name, self.decode(raw, name), config.tasks, self.uid,
+                                          f"{self.prefix}…[{name}]")
+
+    def config(self, version: Any) -> records.ParsedConfig:
+        if version is None:
+            return records.EMPTY_CONFIG
+        version = _text(version)
+        cached = records.cached_config(version)
+        if cached is not None:
+            return cached
+        try:
+            raw = self.client.get(self.key("c"))
+        except Exception as exc:  # noqa: BLE001
+            raise self.failed(exc) from exc
+        if raw is None:
+            raise records.corrupt(self.uid, self.prefix + "c", "the configuration is missing")
+        data = self.decode(raw, "c")
+        if not isinstance(data, dict) or data.get("v") != version:
+            raise records.corrupt(self.uid, self.prefix + "c",
+                                  f"the configuration is not version {version}")
+        return records.parse_config(data.get("tasks"), self.uid, self.prefix + "c", version)
+
+    # -- writing ------------------------------------------------------------------
+
+    def commit(self, step: SessionStep) -> bool:
+        keys = self.fixed_keys()
+        index: dict[str, int] = {key: n + 1 for n, key in enumerate(keys)}
+
+        def key_index(key: str) -> int:
+            if key not in index:
+                keys.append(key)
+                index[key] = len(keys)
+            return index[key]
+
+        checks: dict[tuple[str, str], str] = step.observed.get("checks", {})
+        args: list[Any] = [step.observed.get("lock_owner") or "", len(checks)]
+        for (key, field), digest in checks.items():
+            args += [key_index(key), field, digest]
+        writes: list[Any] = []
+        config = step.new_config or step.config
+        assert config is not None
+        if step.new_config is not None:
+            old = step.config
+            writes += ["C", _C, "", records.dumps({"v": config.version, "tasks": config.raw}),
+                       "S", _S, "v", config.version,
+                       "S", _S, "tasks", records.dumps(sorted(config.tasks)),
+                       "S", _S, "fmt", str(records.FORMAT_VERSION)]
+            for trigger, (names, needed) in config.index.items():
+                writes += ["S", _S, "i:" + trigger, records.dumps([names, needed])]
+            for trigger in (old.index if old is not None else {}):
+                if trigger not in config.index:
+                    writes += ["D", _S, "i:" + trigger]
+        for task, count in step.new_counters.items():
+            writes += ["S", _S, "n:" + task, str(count)]
+        for trigger, kwargs in step.new_latest.items():
+            writes += ["S", _S, "k:" + trigger, records.dumps(kwargs)]
+        for key_name, value in step.new_meta.items():
+            writes += ["S", _S, "m:" + key_name, records.dumps(value)]
+        bumps: dict[str, int] = {}
+        for instance, before, after in step.moves():
+            task = instance.task_name
+            places = {records.PLACE_WAITING: self.waiting_key(task),
+                      records.PLACE_ACTIVE: self.key("a"), records.PLACE_DONE: self.key("d")}
+            if before is not None and before != after:
+                writes += ["D", key_index(places[before]), instance.name]
+            writes += ["S", key_index(places[after]), instance.name,
+                       records.instance_to_json(instance)]
+            for place in {before, after}:
+                if place == records.PLACE_WAITING:
+                    bumps["wv:" + task] = 1
+                elif place == records.PLACE_ACTIVE:
+                    bumps["av"] = 1
+        for field in bumps:
+            writes += ["I", _S, field, 1]
+        for task in config.tasks:
+            key_index(self.waiting_key(task))
+        args += [_count_ops(writes), *writes]
+        events = step.history()
+        limit = history_limit()
+        args += [len(events), limit, *[records.dumps(event) for event in events]]
+        args += [step.open_delta(), self.timeout or 0]
+        outcome = _text(self.call(self._commit, keys, args,
+                                  " The step may or may not have been applied."))
+        if outcome == "locked":
+            step.observed["locked"] = True
+            return False
+        return outcome == "ok"
+
+    # -- the rest of the contract ------------------------------------------------
+
+    def read_history(self, limit: int | None) -> list[dict[str, Any]]:
+        try:
+            raws = self.client.lrange(self.key("h"), -limit if limit else 0, -1)
+        except Exception as exc:  # noqa: BLE001
+            raise self.failed(exc) from exc
+        return [self.decode(raw, "h") for raw in raws]
+
+    def delete(self) -> None:
+        try:
+            tasks = self.client.hget(self.key("s"), "tasks")
+            names = records.decode(tasks, self.uid, "tasks") if tasks else []
+            keys = [key for key in self.fixed_keys() if not key.startswith("lock:")]
+            keys += [self.waiting_key(task) for task in names]
+            keys += [self.key("state"), self.key("done")]
+            for key in keys:  # one by one: DEL of several keys is one command per slot anyway
+                self.client.delete(key)
+        except Exception as exc:  # noqa: BLE001
+            raise self.failed(exc) from exc
+
+    def lock(self, expire: int, timeout: float) -> RedisSessionLock:
+        return RedisSessionLock(self.client, self.lock_name, self.uid, expire, timeout)
+
+    def hook_lock(self, expire: int, timeout: float) -> BaseLock:
+        return RedisSessionLock(self.client, self.prefix + "hooks", self.uid, expire, timeout)
+
+    @contextmanager
+    def step_lock(self, expire: int, timeout: float) -> Iterator[str | None]:
+        lock = self.lock(expire, timeout)
+        with lock.hold():
+            yield lock.owner_id
+
+    # -- the layout of release 1 ----------------------------------------------------
+
+    def upgrade(self) -> None:
+        """Rewrite a session stored in the previous layout (one JSON value) as records."""
+        from redis.exceptions import WatchError
+
+        old_key, done_key = self.key("state"), self.key("done")
+        for _attempt in range(10):
+            pipe = self.client.pipeline(transaction=True)
+            try:
+                pipe.watch(old_key, done_key, self.key("s"))
+                raw, done = pipe.get(old_key), pipe.hgetall(done_key)
+                if raw is None or pipe.hexists(self.key("s"), "v"):
+                    pipe.reset()
+                    return
+                pipe.multi()
+                self._upgrade_commands(pipe, self.decode(raw, "state"), done)
+                pipe.delete(old_key, done_key)
+                pipe.execute()
+                return
+            except WatchError:
+                time.sleep(random.random() * 0.01)
+            except StorageError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise self.failed(exc) from exc
+            finally:
+                pipe.reset()
+
+    def _upgrade_commands(self, pipe: Any, state: Any, done: dict[Any, Any]) -> None:
+        where = self.key("state")
+        if not isinstance(state, dict):
+            raise records.corrupt(self.uid, where,
+                                  f"expected a JSON object, got {type(state).__name__}")
+        if state.get("v") != 1:
+            raise records.corrupt(self.uid, where, f"unknown format version {state.get('v')!r}")
+        try:
+            self._upgrade_records(pipe, state, done, where)
+        except CorruptSessionState:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise records.corrupt(self.uid, where, f"{type(exc).__name__}: {exc}") from exc
+
+    def _upgrade_records(self, pipe: Any, state: dict[str, Any], done: dict[Any, Any],
+                         where: str) -> None:
+        for part in ("tasks", "kwargs", "counters", "open", "meta"):
+            if not isinstance(state.get(part, {}), dict):
+                raise records.corrupt(self.uid, where, f"{part!r} is a "
+                                      f"{type(state[part]).__name__}, not an object")
+        config = records.parse_config(state.get("tasks") or {}, self.uid, where)
+        s = self.key("s")
+        fields: dict[str, str] = {
+            "v": config.version, "tasks": records.dumps(sorted(config.tasks)),
+            "fmt": str(records.FORMAT_VERSION)}
+        for trigger, entry in config.index.items():
+            fields["i:" + trigger] = records.dumps(list(entry))
+        for task, count in (state.get("counters") or {}).items():
+            fields["n:" + task] = str(int(count))
+        for trigger, kwargs in (state.get("kwargs") or {}).items():
+            fields["k:" + trigger] = records.dumps(kwargs)
+        for key, value in (state.get("meta") or {}).items():
+            fields["m:" + key] = records.dumps(value)
+        open_count = 0
+        for name, data in (state.get("open") or {}).items():
+            instance = records.instance_from_json(name, data, config.tasks, self.uid, "state")
+            place = records.place_of(instance)
+            key = self.waiting_key(instance.task_name) if place == records.PLACE_WAITING \
+                else self.key("a")
+            pipe.hset(key, name, records.instance_to_json(instance))
+            open_count += 1
+        fields["o"] = str(open_count)
+        pipe.set(self.key("c"), records.dumps({"v": config.version, "tasks": config.raw}))
+        pipe.hset(s, mapping=fields)
+        if done:
+            pipe.hset(self.key("d"), mapping={_text(k): v for k, v in done.items()})
+        for key in (s, self.key("c"), self.key("a"), self.key("d")):
+            pipe.persist(key)
+
+
+def _count_ops(writes: list[Any]) -> int:
+    """How many operations a flat write list holds (S and C: 4 items, D: 3, I: 4)."""
+    count, index = 0, 0
+    while index < len(writes):
+        index += 3 if writes[index] == "D" else 4
+        count += 1
+    return count
+
+
+_clients: dict[tuple[str, bool], Any] = {}
+
+
+def client_for(url: str, cluster: bool) -> Any:
+    """A redis-py client for ``url`` (shared per process), standalone or Redis Cluster."""
+    key = (url, cluster)
+    client = _clients.get(key)
+    if client is None:
+        if cluster:
+            from redis.cluster import RedisCluster
+
+            client = RedisCluster.from_url(url)
+        else:
+            import redis
+
+            client = redis.Redis.from_url(url)
+        _clients[key] = client
+    return client
+
+
+class RedisStorageBackend(BaseTriggerStorage):
+    """Keeps a session in Redis through redis-py, standalone or on Redis Cluster.
+
+    :param uid: the session UID.
+    :param url: a redis-py URL (``redis://host:port/db``; for a cluster, any node).
+    :param cluster: connect with ``RedisCluster``.
+    :param timeout: seconds a session's keys live after it became idle (nothing
+        unstarted, scheduled, running or failed); ``None``: forever.
+    :param prefix: prefix of every key (before ``{uid}``).
+    """
+
+    name = "redis"
+    optimistic = True
+
+    def __init__(self, uid: str, url: str = "redis://127.0.0.1:6379/0", cluster: bool = False,
+                 timeout: int | None = 3600, prefix: str = "triggers:",
+                 lock_expire: int = DEFAULT_LOCK_EXPIRE,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        super().__init__(uid, lock_expire=lock_expire, lock_timeout=lock_timeout)
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                                    or timeout <= 0):
+            raise InvalidArgument(f"RedisStorageBackend timeout must be a positive number of "
+                                  f"seconds or None, got {timeout!r}", session_uid=uid)
+        if not isinstance(url, str) or "://" not in url:
+            raise InvalidArgument(f"RedisStorageBackend url must be a redis:// URL, got {url!r}",
+                                  session_uid=uid)
+        self.url, self.cluster, self.timeout, self.prefix = url, bool(cluster), timeout, prefix
+        self.engine = RedisEngine(self, client_for(url, self.cluster), f"{prefix}{{{uid}}}:",
+                                  timeout, f"redis {url}")
+
+    def get_options(self) -> dict[str, Any]:
+        return {"url": self.url, "cluster": self.cluster, "timeout": self.timeout,
+                "prefix": self.prefix, "lock_expire": self.lock_expire,
+                "lock_timeout": self.lock_timeout}
+
+    def load(self, step: SessionStep, want: Want) -> None:
+        self.engine.load(step, want)
+
+    def commit(self, step: SessionStep) -> bool:
+        return self.engine.commit(step)
+
+    def read_history(self, limit: int | None) -> list[dict[str, Any]]:
+        return self.engine.read_history(limit)
+
+    def delete(self) -> None:
+        self.engine.delete()
+
+    def session_lock(self) -> Any:
+        return self.engine.lock(self.lock_expire, self.lock_timeout).hold()
+
+    _session_lock = session_lock
+
+    def exclusive_step(self) -> Any:
+        return locked_step(self, self.engine)
+
+    def step_lock(self, timeout: float) -> Any:
+        return self.engine.step_lock(self.lock_expire, timeout)
+
+    def _hook_lock(self) -> BaseLock:
+        return self.engine.hook_lock(self.lock_expire, self.lock_timeout)
+
+    @classmethod
+    def session_uids(cls, url: str = "redis://127.0.0.1:6379/0", cluster: bool = False,
+                     prefix: str = "triggers:", **_options: Any) -> Iterator[str]:
+        """UIDs of the sessions stored under ``prefix`` (SCAN on every node)."""
+        yield from scan_uids(client_for(url, bool(cluster)), prefix)
+
+
+@contextmanager
+def locked_step(storage: BaseTriggerStorage, engine: RedisEngine) -> Iterator[SessionStep]:
+    """A step holding the session lock: steps of other processes wait for it."""
+    lock = engine.lock(storage.lock_expire, storage.lock_timeout)
+    with lock.hold():
+        step = SessionStep(storage, storage.uid)
+        step.observed["lock_owner"] = lock.owner_id
+        step.need(Want())
+        yield step
+        if step.changed and not engine.commit(step):
+            raise StorageError(f"Session {storage.uid!r} changed while its lock was held "
+                               "(the lock expired?); nothing was written.",
+                               session_uid=storage.uid)
+
+
+def scan_uids(client: Any, prefix: str) -> Iterator[str]:
+    """UIDs of the sessions under ``prefix`` (their ``s`` key, or ``state`` of release 1)."""
+    seen: set[str] = set()
+    for key in client.scan_iter(match=f"{prefix}{{*}}:s*", count=1000):
+        text = _text(key)
+        head, _, suffix = text.rpartition("}:")
+        if suffix not in ("s", "state") or not head.startswith(prefix + "{"):
+            continue
+        uid = head[len(prefix) + 1:]
+        if uid not in seen:
+            seen.add(uid)
+            yield uid
+
