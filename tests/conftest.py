@@ -17,9 +17,21 @@ def pytest_collection_modifyitems(items):
 
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if any(value in DB_KINDS for value in params.values() if isinstance(value, str)):
+        values = [value for value in params.values() if isinstance(value, str)]
+        if any(value in DB_KINDS for value in values):
             item.add_marker(pytest.mark.django_db(transaction=True,
                                                   databases=["default", "postgres"]))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """The run's real 3-master Redis Cluster on loopback ports (started and stopped by PID)."""
+    from tests.cluster import shared_cluster
+
+    try:
+        return shared_cluster()
+    except RuntimeError as exc:
+        pytest.fail(f"Could not start a Redis Cluster: {exc}")
 
 REDIS_START = ('redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" '
                "--appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log")

@@ -22,7 +22,8 @@ QUESTIONNAIRE = {
 #: Storage kinds every behaviour is checked on: the cache backend on django-redis,
 #: on Django's own RedisCache and on LocMem, the database backend on SQLite and on
 #: PostgreSQL, and a custom whole-session backend.
-STORAGE_KINDS = ["django_redis", "builtin_redis", "locmem", "db_sqlite", "db_postgres", "dict"]
+STORAGE_KINDS = ["django_redis", "builtin_redis", "locmem", "redis", "redis_cluster", "memory",
+                 "db_sqlite", "db_postgres", "dict"]
 #: Kinds that need the test databases.
 DB_KINDS = {"db_sqlite": "default", "db_postgres": "postgres"}
 
@@ -38,6 +39,27 @@ def make_storage(kind, uid):
         from triggers.storages.database import DatabaseStorageBackend
 
         return DatabaseStorageBackend(uid, using=DB_KINDS[kind])
+    if kind == "redis":
+        from django.conf import settings
+
+        from triggers.storages.redis import RedisStorageBackend
+
+        return RedisStorageBackend(uid, url=settings.REDIS_URL, prefix="triggers-tests-redis:")
+    if kind == "redis_cluster":
+        import os
+
+        from triggers.storages.redis import RedisStorageBackend
+
+        url = os.environ.get("TRIGGERS_TEST_CLUSTER_URL")
+        if not url:
+            from tests.cluster import shared_cluster
+
+            url = shared_cluster().url
+        return RedisStorageBackend(uid, url=url, cluster=True)
+    if kind == "memory":
+        from triggers.storages.memory import MemoryStorageBackend
+
+        return MemoryStorageBackend(uid, namespace="tests")
     if kind == "dict":
         from triggers_testdist import DictStorage
 

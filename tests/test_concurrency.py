@@ -75,6 +75,7 @@ def prepare_sessions(kind):
 @pytest.mark.parametrize("runner, kind", [
     ("threading", "django_redis"),
     ("celery", "django_redis"),
+    ("celery", "redis_cluster"),
     ("celery", "db_postgres"),
 ])
 def test_processes_fire_into_fifty_sessions(runner, kind, monkeypatch):

@@ -159,7 +159,8 @@ class RedisSessionLock(BaseLock):
     def __init__(self, client: Any, name: str, session_uid: str,
                  expire: int = DEFAULT_LOCK_EXPIRE, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         super().__init__(name, session_uid, expire, timeout)
-        self._lock = _PollingRedisLock(client, name, expire=self.expire, auto_renewal=True)
+        self._lock = _PollingRedisLock(client, name, expire=self.expire, auto_renewal=True,
+                                       strict=isinstance(client, redis.Redis))
 
     @property
     def owner_id(self) -> str:

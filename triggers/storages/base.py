@@ -795,12 +795,17 @@ class BaseTriggerStorage:
     # ------------------------------------------------------------------
 
     def session_lock(self) -> AbstractContextManager[Any]:
-        """The session lock (expiring, non-reentrant): what :meth:`acquire_lock` holds."""
+        """The session lock (expiring, non-reentrant): what :meth:`acquire_lock` holds.
+
+        Backends provide it as ``_session_lock()`` (the original's extension point);
+        this default serialises the threads of one process only.
+        """
+        return self._session_lock()
+
+    def _session_lock(self) -> AbstractContextManager[Any]:
         lock = LocalSessionLock(f"triggers:{type(self).__name__}:{self.uid}", self.uid,
                                 self.lock_expire, self.lock_timeout)
         return lock.hold()
-
-    _session_lock = session_lock
 
     def hook_lock(self) -> AbstractContextManager[Any]:
         """The lock under which a manager runs this session's hooks, one at a time.

@@ -38,6 +38,8 @@ from triggers.storages.redis import RedisEngine, locked_step, scan_uids
 __all__ = ["CacheStorageBackend"]
 
 _NOT_GIVEN: Any = object()
+#: On caches other than Redis: the number of session slots (see session_uids).
+_SLOTS_KEY = "triggers:sessions"
 
 
 class CacheStorageBackend(RecordStorage):
@@ -99,13 +101,12 @@ class CacheStorageBackend(RecordStorage):
 
     # -- locks ------------------------------------------------------------------
 
-    def session_lock(self) -> Any:
+    def _session_lock(self) -> Any:
         if self.engine is not None:
             return self.engine.lock(self.lock_expire, self.lock_timeout).hold()
         return CacheSessionLock(self.cache, self._prefix + "lock", self.uid, self.lock_expire,
                                 self.lock_timeout).hold()
 
-    _session_lock = session_lock
 
     def exclusive(self) -> Any:
         return self.session_lock()
@@ -165,13 +166,16 @@ class CacheStorageBackend(RecordStorage):
 
         backend = caches[cache]
         client = redis_client_for_cache(backend)
-        if client is None:
-            raise InvalidArgument(
-                f"Cache {cache!r} is not a Redis cache: its sessions cannot be listed; "
-                "name the session UIDs explicitly."
-            )
-        prefix = str(backend.make_key("triggers:"))
-        yield from scan_uids(client, prefix)
+        if client is not None:
+            yield from scan_uids(client, str(backend.make_key("triggers:")))
+            return
+        # Other caches cannot list keys: sessions register in numbered slots (cache.incr
+        # is atomic); a slot whose session is gone is skipped.
+        count = backend.get(_SLOTS_KEY) or 0
+        slots = backend.get_many([f"{_SLOTS_KEY}:{n}" for n in range(1, int(count) + 1)])
+        uids = sorted(set(slots.values()))
+        present = backend.get_many([f"triggers:{{{uid}}}:s" for uid in uids])
+        yield from (uid for uid in uids if f"triggers:{{{uid}}}:s" in present)
 
     # -- the contract: any other cache (records as cache keys, under the lock) ----
 
@@ -297,6 +301,14 @@ class CacheStorageBackend(RecordStorage):
             raise StorageError(f"The cache {self.cache_alias!r} did not store "
                                f"{', '.join(failed)} of session {self.uid!r}.",
                                session_uid=self.uid)
+        if step.observed.get("session") is None:
+            self._register()
+
+    def _register(self) -> None:
+        """List a new session (see session_uids)."""
+        self.cache.add(_SLOTS_KEY, 0, timeout=None)
+        slot = self.cache.incr(_SLOTS_KEY)
+        self.cache.set(f"{_SLOTS_KEY}:{slot}", self.uid, timeout=None)
 
 
 def _cache_aliases() -> list[str]:

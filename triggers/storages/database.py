@@ -100,10 +100,9 @@ class DatabaseStorageBackend(RecordStorage):
         """One transaction holding the session's row lock; nothing is written on error."""
         return self._session_transaction()
 
-    def session_lock(self) -> Any:
+    def _session_lock(self) -> Any:
         return self._session_transaction()
 
-    _session_lock = session_lock
 
     @contextmanager
     def _session_transaction(self) -> Iterator[None]:

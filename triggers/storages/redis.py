@@ -564,10 +564,9 @@ class RedisStorageBackend(BaseTriggerStorage):
     def delete(self) -> None:
         self.engine.delete()
 
-    def session_lock(self) -> Any:
+    def _session_lock(self) -> Any:
         return self.engine.lock(self.lock_expire, self.lock_timeout).hold()
 
-    _session_lock = session_lock
 
     def exclusive_step(self) -> Any:
         return locked_step(self, self.engine)
