@@ -82,9 +82,41 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 f"TRIGGERS['DATABASE'] is {s.DATABASE!r}, which is not in DATABASES.",
                 hint=f"Database aliases: {', '.join(sorted(settings.DATABASES))}.",
                 id="triggers.E006"))
+        else:
+            errors += _check_sqlite_transactions(s.DATABASE)
+    if not isinstance(s.HISTORY_LIMIT, int) or isinstance(s.HISTORY_LIMIT, bool) \
+            or s.HISTORY_LIMIT < 0:
+        errors.append(checks.Error(f"TRIGGERS['HISTORY_LIMIT'] must be a number of events >= 0, "
+                                   f"got {s.HISTORY_LIMIT!r}.", id="triggers.E008"))
     for setting in ("LOCK_EXPIRE", "LOCK_TIMEOUT", "RECOVER_AFTER"):
         value = getattr(s, setting)
         if not isinstance(value, (int, float)) or value <= 0:
             errors.append(checks.Error(f"TRIGGERS['{setting}'] must be a positive number of "
                                        f"seconds, got {value!r}.", id="triggers.E007"))
     return errors
+
+
+def _check_sqlite_transactions(alias: str) -> list[checks.CheckMessage]:
+    """SQLite with ATOMIC_REQUESTS needs transactions that take the write lock at BEGIN.
+
+    With the default deferred ``BEGIN``, two requests that read and then write the
+    same database both hold a read lock and neither can upgrade it: both fail with
+    "database is locked" at once, whatever the timeout.
+    """
+    import django
+
+    database: dict[str, Any] = dict(settings.DATABASES[alias])
+    if database.get("ENGINE") != "django.db.backends.sqlite3" or not database.get(
+            "ATOMIC_REQUESTS"):
+        return []
+    mode = (database.get("OPTIONS") or {}).get("transaction_mode")
+    if mode in ("IMMEDIATE", "EXCLUSIVE"):
+        return []
+    hint = (f'Set DATABASES[{alias!r}]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"'
+            if django.VERSION >= (5, 1) else
+            "Upgrade to Django 5.1 or later and set OPTIONS['transaction_mode'] = 'IMMEDIATE', "
+            "or turn ATOMIC_REQUESTS off for this database")
+    return [checks.Warning(
+        f"Database {alias!r} is SQLite with ATOMIC_REQUESTS and deferred transactions: two "
+        "requests that fire triggers at once can both fail with 'database is locked'.",
+        hint=hint, id="triggers.W003")]

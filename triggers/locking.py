@@ -19,6 +19,7 @@ import random
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -199,20 +200,53 @@ class CacheSessionLock(BaseLock):
         super().__init__(name, session_uid, expire, timeout)
         self._cache = cache
         self._token = secrets.token_hex(8)
+        #: Until when (monotonic) the key is surely ours: taken or renewed, plus expiry.
+        self._ours_until = 0.0
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def _acquire(self) -> bool:
         deadline = time.monotonic() + self.timeout
         delay = 0.001
         while True:
+            taken_at = time.monotonic()
             if self._cache.add(self.name, self._token, timeout=self.expire):
+                self._ours_until = taken_at + self.expire
+                self._stop.clear()
+                self._renewer = threading.Thread(target=self._renew, daemon=True,
+                                                 name=f"triggers-lock-renewer:{self.name}")
+                self._renewer.start()
                 return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.05)
 
+    def _still_ours(self) -> bool:
+        # The cache has no compare-and-set: the key is ours for as long as it cannot have
+        # expired since we wrote it (with a margin for the round trip).
+        return time.monotonic() < self._ours_until - 0.1
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.expire / 3):
+            renewed_at = time.monotonic()
+            if not self._still_ours():
+                logger.warning("The lock %r of session %r expired before it could be renewed.",
+                               self.name, self.session_uid)
+                return
+            try:
+                if self._cache.touch(self.name, self.expire):
+                    self._ours_until = renewed_at + self.expire
+            except Exception:  # noqa: BLE001 - it then expires by itself
+                logger.warning("Could not renew the lock %r of session %r", self.name,
+                               self.session_uid, exc_info=True)
+
     def _release(self) -> None:
-        if self._cache.get(self.name) == self._token:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        # Delete only a key that is surely still ours: never another holder's.
+        if self._still_ours() and self._cache.get(self.name) == self._token:
             self._cache.delete(self.name)
 
 
@@ -226,17 +260,39 @@ def reentrant(lock: BaseLock) -> Iterator[None]:
         yield
 
 
-class LocalSessionLock(BaseLock):
-    """A lock within one process, for storages that live in this process only."""
+class _Lock:
+    """A threading.Lock that a weak registry can refer to."""
 
-    _locks: dict[str, threading.Lock] = {}
+    __slots__ = ("__weakref__", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def acquire(self, timeout: float = -1) -> bool:
+        return self._lock.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class LocalSessionLock(BaseLock):
+    """A lock within one process, for storages that live in this process only.
+
+    Locks are shared by name while anyone uses them (a weak registry: it does not
+    grow with the number of sessions ever locked).
+    """
+
+    _locks: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
     _guard = threading.Lock()
 
     def __init__(self, name: str, session_uid: str,
                  expire: int = DEFAULT_LOCK_EXPIRE, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         super().__init__(name, session_uid, expire, timeout)
         with self._guard:
-            self._lock = self._locks.setdefault(name, threading.Lock())
+            lock = self._locks.get(name)
+            if lock is None:
+                lock = self._locks[name] = _Lock()
+            self._lock = lock
 
     def _acquire(self) -> bool:
         return self._lock.acquire(timeout=self.timeout)

@@ -109,6 +109,7 @@ class DatabaseStorageBackend(RecordStorage):
         from django.db import DatabaseError, OperationalError
 
         locked = False
+        restore = self._scope_lock_wait()
         try:
             with transaction.atomic(using=self.using):
                 self._lock_row()
@@ -124,17 +125,52 @@ class DatabaseStorageBackend(RecordStorage):
             raise self._failed(exc, "changing") from exc
         except DatabaseError as exc:
             raise self._failed(exc, "changing") from exc
+        finally:
+            restore()
+
+    def _scope_lock_wait(self) -> Callable[[], None]:
+        """Wait at most ``lock_timeout`` for the session's lock, in this step only.
+
+        SQLite's ``busy_timeout`` belongs to the connection and PostgreSQL's
+        ``SET LOCAL lock_timeout`` to the outermost transaction: both are set back
+        to what they were when the step ends, so that later queries of a shared
+        connection (or of the caller's transaction) keep their own wait.
+        """
+        from django.db import connections
+
+        connection = connections[self.using]
+        wait_ms = max(int(self.lock_timeout * 1000), 1)
+        connection.ensure_connection()
+        if connection.vendor == "sqlite":
+            raw = connection.connection
+            previous = raw.execute("PRAGMA busy_timeout").fetchone()[0]
+            raw.execute(f"PRAGMA busy_timeout = {wait_ms}")
+            return lambda: raw.execute(f"PRAGMA busy_timeout = {int(previous)}")
+        if connection.vendor == "postgresql":
+            outer = connection.in_atomic_block
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW lock_timeout")
+                previous = cursor.fetchone()[0]
+
+            def restore() -> None:
+                # Our own transaction ended, and SET LOCAL with it; inside the caller's
+                # transaction put its value back (unless it is being rolled back anyway).
+                if outer and connection.in_atomic_block and not connection.needs_rollback:
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT set_config('lock_timeout', %s, true)",
+                                       [previous])
+
+            return restore
+        return lambda: None
 
     def _lock_row(self) -> None:
         from django.db import connections
 
         connection = connections[self.using]
-        wait_ms = max(int(self.lock_timeout * 1000), 1)
-        with connection.cursor() as cursor:
-            if connection.vendor == "postgresql":
+        if connection.vendor == "postgresql":
+            wait_ms = max(int(self.lock_timeout * 1000), 1)
+            with connection.cursor() as cursor:
                 cursor.execute(f"SET LOCAL lock_timeout = {wait_ms}")
-            elif connection.vendor == "sqlite":
-                cursor.execute(f"PRAGMA busy_timeout = {wait_ms}")
         session_model = self._models()[0]
         rows = session_model.objects.using(self.using).filter(uid=self.uid)
         if rows.update(modified=timezone.now()):
