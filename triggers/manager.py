@@ -114,8 +114,18 @@ class TriggerManager:
 
     def fire(self, trigger_name: str, trigger_kwargs: Mapping[str, Any] | None = None
              ) -> list[TaskInstance]:
-        """Fire a trigger; returns the instances it scheduled."""
+        """Fire a trigger; returns the instances it scheduled.
+
+        Inside the caller's ``transaction.atomic()`` (``ATOMIC_REQUESTS``
+        included), a storage whose steps cannot join that transaction (Redis, a
+        cache, memory) applies the trigger when the transaction commits, and not at
+        all if it rolls back; ``fire()`` then returns ``[]``. The database storage
+        applies it in the transaction and dispatches on commit.
+        """
         kwargs = self._check_trigger(trigger_name, trigger_kwargs)
+        if self._defer_to_commit(lambda: self.fire(trigger_name, kwargs)):
+            return []
+
         def apply(step: SessionStep) -> Fired:
             self._apply_trigger(step, trigger_name, kwargs)
             return step.fired
@@ -132,6 +142,8 @@ class TriggerManager:
         already. However many processes call it at once, it fires once.
         """
         kwargs = self._check_trigger(trigger_name, trigger_kwargs)
+        if self._defer_to_commit(lambda: self.fire_once(trigger_name, kwargs)):
+            return None
 
         def apply(step: SessionStep) -> Fired | None:
             if step.latest(trigger_name) is not None:
@@ -611,6 +623,27 @@ class TriggerManager:
 
         dispatch = [instance for _, scheduled in fired for instance in scheduled]
         self.storage.on_commit(lambda: self._run_hooks(hooks, dispatch))
+
+    def _defer_to_commit(self, apply: Callable[[], Any]) -> bool:
+        """Inside the caller's transaction, apply a fire on commit if the storage cannot
+        join the transaction; whether it was deferred."""
+        if self.storage.joins_transactions:
+            return False
+        alias = self.storage.caller_transaction()
+        if alias is None:
+            return False
+        from django.db import transaction
+
+        def later() -> None:
+            try:
+                apply()
+            except Exception:
+                logger.exception("Could not apply a fire deferred to the commit of database "
+                                 "%r in session %r", alias, self.storage.uid)
+                raise
+
+        transaction.on_commit(later, using=alias, robust=True)
+        return True
 
     def _run_hooks(self, hooks: Callable[[], None], dispatch: list[TaskInstance]) -> None:
         """Dispatch what a step scheduled, then run its hooks, under the session's hook lock.

@@ -631,19 +631,44 @@ class BaseTriggerStorage:
     # Atomic steps.
     # ------------------------------------------------------------------
 
-    def on_commit(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once the step just taken is durable (now, for most backends).
+    #: Whether steps join the caller's database transaction (the database storage);
+    #: other storages' fires wait for it to commit (see :meth:`caller_transaction`).
+    joins_transactions: bool = False
 
-        The manager dispatches instances and calls its hooks through this, so that
-        a backend whose steps can join an outer transaction dispatches only after
-        that transaction commits. Inside :meth:`acquire_lock` callbacks wait for
-        the end of the block.
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the step just taken is durable.
+
+        The manager dispatches instances and calls its hooks through this. Inside
+        the caller's ``transaction.atomic()`` (``ATOMIC_REQUESTS`` included) the
+        callback waits for that transaction to commit (``transaction.on_commit``,
+        robust: a failing callback of anyone's does not cancel it); inside
+        :meth:`acquire_lock` it waits for the end of the block; otherwise it runs now.
         """
         held = self._held_here()
         if held is not None:
             held.callbacks.append(callback)
             return
+        alias = self.caller_transaction()
+        if alias is not None:
+            from django.db import transaction
+
+            transaction.on_commit(callback, using=alias, robust=True)
+            return
         callback()
+
+    @staticmethod
+    def caller_transaction() -> str | None:
+        """The alias of a database whose ``transaction.atomic()`` block the caller is in."""
+        from django.conf import settings
+
+        if not settings.configured:
+            return None
+        from django.db import connections
+
+        for connection in connections.all(initialized_only=True):
+            if connection.in_atomic_block:
+                return str(connection.alias)
+        return None
 
     def transact(self, step_function: Callable[[SessionStep], T],
                  want: Want | None = None) -> T:

@@ -182,8 +182,12 @@ class DatabaseStorageBackend(RecordStorage):
             pass  # created by a concurrent step meanwhile
         rows.update(modified=timezone.now())
 
+    joins_transactions = True
+
     def on_commit(self, callback: Callable[[], None]) -> None:
-        transaction.on_commit(callback, using=self.using)
+        # Robust: a failing callback registered before (a hook, any of the app's) must not
+        # drop the dispatches of later steps of the same transaction.
+        transaction.on_commit(callback, using=self.using, robust=True)
 
     def _hook_lock(self) -> BaseLock:
         return DatabaseLock(self.using, f"hooks:{self.uid}", self.uid, self.lock_expire,
