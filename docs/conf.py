@@ -55,7 +55,7 @@ autodoc_inherit_docstrings = False
 # Types from the standard library and third-party packages cannot be linked
 # without intersphinx (the build runs offline); they are shown as plain text.
 nitpick_ignore_regex = [
-    (r"py:class", r"(collections\.abc|contextlib|enum|logging|datetime|abc|threading)\.\w+"),
+    (r"py:class", r"(collections\.abc|contextlib|enum|logging|datetime|abc|threading|pathlib)\.\w+"),
     (r"py:func", r"unittest\.mock\..+"),
     (r"py:class", r"(celery|class_registry)\..+"),
     # Django's classes (base classes of the models, check messages).

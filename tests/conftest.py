@@ -1,5 +1,9 @@
 """Shared fixtures: real services, fresh sessions, the threading runner."""
 
+import shutil
+import signal
+import subprocess
+import tempfile
 import uuid
 
 import pytest
@@ -82,3 +86,49 @@ def _join_runner_threads():
     """No runner thread outlives its test."""
     yield
     ThreadingTaskRunner.join_all(timeout=30)
+
+
+#: Port of the Redis server that fault tests start, kill and restart themselves.
+RESTART_PORT = 6391
+
+
+@pytest.fixture
+def own_redis():
+    """A Redis server of this test's own (port 6391), persistent across its restarts."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not on PATH; install Debian's redis-server package")
+    directory = tempfile.mkdtemp(prefix="triggers-redis-")
+
+    class Server:
+        process = None
+
+        def start(self):
+            self.process = subprocess.Popen(
+                ["redis-server", "--port", str(RESTART_PORT), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                 "--dir", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            client = redis.Redis(port=RESTART_PORT)
+            __import__('tests.workers', fromlist=['wait_for']).wait_for(
+                lambda: _pings(client), timeout=20, message="the test's Redis server")
+
+        def kill(self):
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+        def stop(self):
+            if self.process and self.process.poll() is None:
+                self.process.terminate()
+                self.process.wait(10)
+
+    server = Server()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _pings(client):
+    try:
+        return client.ping()
+    except redis.RedisError:
+        return False

@@ -1,17 +1,14 @@
 """Faults: a killed lock holder, the broker down, Redis stopped or restarted mid-fire."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from io import StringIO
 
 import pytest
-import redis
 from django.core.management import call_command
 
 from tests.workers import ROOT, Worker, wait_for
@@ -86,47 +83,6 @@ def test_broker_down_at_dispatch_records_and_recovers(uid):
     finally:
         worker.stop()
     assert "dispatch_error" not in storage["t#0"].metadata
-
-
-@pytest.fixture
-def own_redis():
-    """A Redis server of this test's own (port 6391), persistent across its restarts."""
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not on PATH; install Debian's redis-server package")
-    directory = tempfile.mkdtemp(prefix="triggers-redis-")
-
-    class Server:
-        process = None
-
-        def start(self):
-            self.process = subprocess.Popen(
-                ["redis-server", "--port", str(RESTART_PORT), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                 "--dir", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            client = redis.Redis(port=RESTART_PORT)
-            wait_for(lambda: _pings(client), timeout=20, message="the test's Redis server")
-
-        def kill(self):
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-        def stop(self):
-            if self.process and self.process.poll() is None:
-                self.process.terminate()
-                self.process.wait(10)
-
-    server = Server()
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def _pings(client):
-    try:
-        return client.ping()
-    except redis.RedisError:
-        return False
 
 
 def test_redis_stopped_and_restarted_around_fire(own_redis, uid, trigger_threading_runner):

@@ -46,6 +46,11 @@ DEFAULTS: dict[str, Any] = {
     "LOCK_TIMEOUT": 60,
     # Seconds an instance must be stuck (scheduled or running) before recovery takes it.
     "RECOVER_AFTER": 300,
+    # Seconds a run keeps retrying to record its outcome through transient storage errors
+    # before it spools the outcome locally (see triggers.run).
+    "OUTCOME_RETRY": 60,
+    # Directory of spooled outcomes; None: <tempdir>/triggers-outcomes.
+    "OUTCOME_SPOOL": None,
     # History events kept per session (the oldest are dropped); 0: keep no history.
     "HISTORY_LIMIT": 1000,
     # Accept 'run' names this process's Celery app does not know (tasks that only the

@@ -49,6 +49,8 @@ __all__ = [
     "LockNotSupported",
     "LockTimeout",
     "MaxRetriesExceeded",
+    "RetryInstance",
+    "SkipInstance",
     "StorageError",
     "TriggersError",
     "UnknownRegistryKey",
@@ -201,3 +203,24 @@ def with_context(exc: E, context: Mapping[str, Any]) -> E:
     merged.update(context)
     exc.context = merged  # type: ignore[attr-defined]
     return exc
+
+
+class RetryInstance(TriggersError):  # noqa: N818 - a control-flow signal, like celery's Retry
+    """Raised (via ``raise self.retry(...)`` in a task) to replay the running instance later."""
+
+    def __init__(self, exc: BaseException | None, cooldown: float | None,
+                 replacement_kwargs: dict[str, dict[str, Any]] | None,
+                 metadata: dict[str, Any]) -> None:
+        super().__init__(f"Retry requested{f' after {exc!r}' if exc else ''}")
+        self.exc = exc
+        self.cooldown = cooldown
+        self.replacement_kwargs = replacement_kwargs
+        self.metadata = metadata
+
+
+class SkipInstance(TriggersError):  # noqa: N818 - a control-flow signal
+    """Raised (via ``raise self.skip(...)`` in a task) to mark the running instance skipped."""
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        super().__init__("Skip requested")
+        self.metadata = metadata

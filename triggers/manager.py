@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import traceback as traceback_module
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -32,11 +31,8 @@ from triggers.types import (
     DIRECTIVE_ON_COMPLETE,
     DIRECTIVE_ON_FAILURE,
     DIRECTIVE_ON_READY,
-    DIRECTIVE_ON_START,
-    DIRECTIVE_ON_SUCCESS,
     STATUS_ABANDONED,
     STATUS_FAILED,
-    STATUS_FINISHED,
     STATUS_REPLAYED,
     STATUS_RUNNING,
     STATUS_SCHEDULED,
@@ -127,11 +123,11 @@ class TriggerManager:
             return []
 
         def apply(step: SessionStep) -> Fired:
-            self._apply_trigger(step, trigger_name, kwargs)
+            self.apply_trigger(step, trigger_name, kwargs)
             return step.fired
 
         fired = self.storage.transact(apply, Want(triggers=[trigger_name]))
-        self._after_step(fired)
+        self.after_step(fired)
         return fired[0][1]
 
     def fire_once(self, trigger_name: str, trigger_kwargs: Mapping[str, Any] | None = None
@@ -141,20 +137,30 @@ class TriggerManager:
         Returns the instances it scheduled, or ``None`` if the trigger had fired
         already. However many processes call it at once, it fires once.
         """
+        return self._fire_if(trigger_name, trigger_kwargs, lambda step: True)
+
+    def _fire_if(self, trigger_name: str, trigger_kwargs: Mapping[str, Any] | None,
+                 condition: Callable[[SessionStep], bool], want: Want | None = None
+                 ) -> list[TaskInstance] | None:
+        """Fire a trigger that has not fired yet if ``condition(step)`` holds, in one step."""
         kwargs = self._check_trigger(trigger_name, trigger_kwargs)
-        if self._defer_to_commit(lambda: self.fire_once(trigger_name, kwargs)):
+        if self._defer_to_commit(lambda: self._fire_if(trigger_name, kwargs, condition, want)):
             return None
 
         def apply(step: SessionStep) -> Fired | None:
-            if step.latest(trigger_name) is not None:
+            if step.latest(trigger_name) is not None or not condition(step):
                 return None
-            self._apply_trigger(step, trigger_name, kwargs)
+            self.apply_trigger(step, trigger_name, kwargs)
             return step.fired
 
-        fired = self.storage.transact(apply, Want(triggers=[trigger_name]))
+        prefetch = Want(triggers=[trigger_name])
+        if want is not None:
+            prefetch.counters |= want.counters
+            prefetch.open = want.open
+        fired = self.storage.transact(apply, prefetch)
         if fired is None:
             return None
-        self._after_step(fired)
+        self.after_step(fired)
         return fired[0][1]
 
     def replay_failed_instance(self, failed_instance: TaskInstance | str,
@@ -173,7 +179,7 @@ class TriggerManager:
         def replay(step: SessionStep) -> TaskInstance:
             failed = step.instance(name)
             self._require(failed, failed.can_replay, "replayed", "only failed instances")
-            return self._replace_instance(step, failed, replacement, {})
+            return self.replace_instance(step, failed, replacement, {})
 
         clone = self.storage.transact(replay, Want(instances=[name],
                                                     counters=[task_name_of(name)]))
@@ -192,12 +198,12 @@ class TriggerManager:
             instance.set_status(STATUS_SKIPPED, cascade=bool(cascade), result=result_kwargs)
             step.save(instance)
             if cascade:
-                self._apply_trigger(step, instance.task_name, result_kwargs)
+                self.apply_trigger(step, instance.task_name, result_kwargs)
             return instance, step.fired
 
         instance, fired = self.storage.transact(skip, Want(
             instances=[name], triggers=[task_name_of(name)] if cascade else []))
-        self._after_step(fired)
+        self.after_step(fired)
         self.storage.on_commit(lambda: self._run_hooks(lambda: self._post_skip(instance, cascade),
                                                        []))
         return instance
@@ -219,12 +225,12 @@ class TriggerManager:
             instance.set_status(new_status, **meta)
             step.save(instance)
             if cascade:
-                self._apply_trigger(step, instance.task_name, cascade_args)
+                self.apply_trigger(step, instance.task_name, cascade_args)
             return instance, step.fired
 
         instance, fired = self.storage.transact(update, Want(
             instances=[name], triggers=[task_name_of(name)] if cascade else []))
-        self._after_step(fired)
+        self.after_step(fired)
         return instance
 
     def update_instance_metadata(self, task_instance: TaskInstance | str,
@@ -300,7 +306,7 @@ class TriggerManager:
         for instance in stuck:
             logger.warning("Recovering %s of session %r (was %s)", instance.name,
                            self.storage.uid, instance.metadata["recovered_from"])
-        self.storage.on_commit(lambda: self._dispatch(stuck))
+        self.storage.on_commit(lambda: self.dispatch(stuck))
         return stuck
 
     def recovery_run(
@@ -354,9 +360,9 @@ class TriggerManager:
         storage_key = storage_backends.key_for(type(self.storage))
         missing = []
         if manager_key is None:
-            missing.append(f"manager class {_qualname(type(self))} under 'triggers.managers'")
+            missing.append(f"manager class {exception_name(type(self))} under 'triggers.managers'")
         if storage_key is None:
-            missing.append(f"storage class {_qualname(type(self.storage))} under "
+            missing.append(f"storage class {exception_name(type(self.storage))} under "
                            "'triggers.storages'")
         if missing:
             raise DispatchError(
@@ -373,48 +379,6 @@ class TriggerManager:
             "storage_options": self.storage.get_options(),
         }
 
-    def _start_instance(self, name: str) -> TaskInstance | None:
-        """Atomically move ``scheduled`` → ``running``; ``None`` for a duplicate delivery."""
-
-        def start(step: SessionStep) -> tuple[TaskInstance | None, Fired]:
-            instance = step.instance(name)
-            if instance.status != STATUS_SCHEDULED:
-                return None, []
-            instance.set_status(STATUS_RUNNING, started=now(), run=secrets.token_hex(4),
-                                attempts=int(instance.metadata.get("attempts", 0)) + 1)
-            instance.metadata.pop("dispatch_error", None)
-            step.save(instance)
-            self._fire_outcome(step, instance, DIRECTIVE_ON_START, {"instance": instance.name})
-            return instance.copy(), step.fired
-
-        started, fired = self.storage.transact(start, Want(instances=[name]))
-        if started is None:
-            logger.warning(
-                "Ignoring a delivery of %s in session %r: it is not scheduled (a duplicate "
-                "or late message); nothing changed.", name, self.storage.uid,
-            )
-        self._after_step(fired)
-        return started
-
-    def _finish_instance(self, started: TaskInstance, result: Kwargs, log_level: int) -> None:
-        """``running`` → ``finished`` and the cascade, in one atomic step."""
-
-        def finish(step: SessionStep, instance: TaskInstance) -> None:
-            instance.set_status(STATUS_FINISHED, result=result, finished=now(),
-                                log_level=max(log_level, instance.log_level))
-            step.save(instance)
-            self._apply_trigger(step, instance.task_name, result)
-            for directive in (DIRECTIVE_ON_SUCCESS, DIRECTIVE_ON_COMPLETE):
-                self._fire_outcome(step, instance, directive, result)
-
-        self._record_run_outcome(started, finish)
-
-    def _fail_instance(self, started: TaskInstance, exc: BaseException, log_level: int) -> None:
-        meta = _failure_metadata(exc)
-        self._end_running(started, STATUS_FAILED, meta, log_level, outcome={
-            "instance": started.name, "exc_type": meta["exc_type"],
-            "exc_message": meta["exc_message"]})
-
     def fail_scheduled_instance(self, task_instance: TaskInstance | str,
                                 exc: BaseException) -> TaskInstance | None:
         """Mark a ``scheduled`` instance that can never run ``failed`` with ``exc``.
@@ -425,7 +389,7 @@ class TriggerManager:
         alone (returns ``None``).
         """
         name = self._instance_name(task_instance)
-        meta = _failure_metadata(exc, with_traceback=False)
+        meta = failure_metadata(exc, with_traceback=False)
 
         def fail(step: SessionStep) -> tuple[TaskInstance | None, Fired]:
             instance = step.instance(name)
@@ -437,81 +401,21 @@ class TriggerManager:
             outcome = {"instance": name, "exc_type": meta["exc_type"],
                        "exc_message": meta["exc_message"]}
             for directive in (DIRECTIVE_ON_FAILURE, DIRECTIVE_ON_COMPLETE):
-                self._fire_outcome(step, instance, directive, outcome)
+                self.fire_outcome(step, instance, directive, outcome)
             return instance, step.fired
 
         instance, fired = self.storage.transact(fail, Want(instances=[name]))
         if instance is not None:
             logger.error("%s of session %r failed: it can never run: %s", name,
                          self.storage.uid, exc)
-            self._after_step(fired)
+            self.after_step(fired)
         return instance
-
-    def _skip_running_instance(self, started: TaskInstance, metadata: Kwargs, log_level: int
-                               ) -> None:
-        self._end_running(started, STATUS_SKIPPED, {"finished": now(), **metadata}, log_level)
-
-    def _end_running(self, started: TaskInstance, status: TaskStatus, metadata: Kwargs,
-                     log_level: int, outcome: Kwargs | None = None) -> None:
-        """End a run as failed or skipped; a failure fires onFailure and onComplete."""
-
-        def end(step: SessionStep, instance: TaskInstance) -> None:
-            instance.set_status(status, **{**metadata,
-                                           "log_level": max(log_level, instance.log_level)})
-            step.save(instance)
-            if outcome is not None:
-                for directive in (DIRECTIVE_ON_FAILURE, DIRECTIVE_ON_COMPLETE):
-                    self._fire_outcome(step, instance, directive, outcome)
-
-        self._record_run_outcome(started, end)
-
-    def _record_run_outcome(self, started: TaskInstance,
-                            apply: Callable[[SessionStep, TaskInstance], None]) -> None:
-        """Apply a run's outcome in one step, if the run is still current; then dispatch."""
-
-        def step_function(step: SessionStep) -> Fired | None:
-            instance = self._running(step, started)
-            if instance is None:
-                return None
-            apply(step, instance)
-            return step.fired
-
-        fired = self.storage.transact(step_function, Want(instances=[started.name],
-                                                          triggers=[started.task_name]))
-        if fired is None:
-            self._log_stale_outcome(started)
-            return
-        self._after_step(fired)
-
-    def _retry_instance(self, started: TaskInstance, replacement_kwargs: dict[str, Kwargs] | None,
-                        cooldown: float | None, metadata: Kwargs, log_level: int,
-                        exc: BaseException | None) -> TaskInstance | None:
-        """``running`` → ``replayed``, and a copy (depth + 1) scheduled after ``cooldown``."""
-        meta = dict(metadata)
-        if exc is not None:
-            meta["retry_reason"] = f"{_qualname(type(exc))}: {exc}"
-
-        def retry(step: SessionStep) -> TaskInstance | None:
-            instance = self._running(step, started)
-            if instance is None:
-                return None
-            instance.metadata["log_level"] = max(log_level, instance.log_level)
-            return self._replace_instance(step, instance, replacement_kwargs, dict(meta),
-                                          retry=True, cooldown=cooldown)
-
-        clone = self.storage.transact(retry, Want(instances=[started.name],
-                                                  counters=[started.task_name]))
-        if clone is None:
-            self._log_stale_outcome(started)
-            return None
-        self.storage.on_commit(lambda: self._dispatch([clone]))
-        return clone
 
     # ------------------------------------------------------------------
     # Internals.
     # ------------------------------------------------------------------
 
-    def _apply_trigger(self, step: SessionStep, trigger_name: str, kwargs: Kwargs,
+    def apply_trigger(self, step: SessionStep, trigger_name: str, kwargs: Kwargs,
                        depth: int = 0) -> list[TaskInstance]:
         """Record a trigger and update every task that reacts to it; returns what it scheduled.
 
@@ -539,7 +443,7 @@ class TriggerManager:
                 scheduled.append(instance)
         step.fired.append((trigger_name, scheduled))
         for instance in scheduled:
-            self._fire_outcome(step, instance, DIRECTIVE_ON_READY, {"instance": instance.name},
+            self.fire_outcome(step, instance, DIRECTIVE_ON_READY, {"instance": instance.name},
                                depth + 1)
         return scheduled
 
@@ -576,10 +480,10 @@ class TriggerManager:
             waiting.append(instance)
         return waiting
 
-    def _fire_outcome(self, step: SessionStep, instance: TaskInstance, directive: str,
+    def fire_outcome(self, step: SessionStep, instance: TaskInstance, directive: str,
                       kwargs: Kwargs, depth: int = 0) -> None:
         for trigger_name in instance.config.outcome_triggers(directive):
-            self._apply_trigger(step, trigger_name, kwargs, depth)
+            self.apply_trigger(step, trigger_name, kwargs, depth)
 
     def _schedule(self, step: SessionStep, instance: TaskInstance) -> None:
         runner = instance.config.using or self.default_task_runner_name
@@ -591,7 +495,7 @@ class TriggerManager:
         instance.set_status(STATUS_SCHEDULED, scheduled=stamp, runner=runner, **extra)
         step.save(instance)
 
-    def _replace_instance(self, step: SessionStep, old: TaskInstance,
+    def replace_instance(self, step: SessionStep, old: TaskInstance,
                           replacement: dict[str, Kwargs] | None, metadata: Kwargs,
                           retry: bool = False, cooldown: float | None = None) -> TaskInstance:
         """Mark ``old`` replayed and store a scheduled copy of it."""
@@ -612,7 +516,7 @@ class TriggerManager:
             clone.metadata["start_after"] = round(clone.metadata["scheduled"] + cooldown, 3)
         return clone
 
-    def _after_step(self, fired: Fired) -> None:
+    def after_step(self, fired: Fired) -> None:
         """After commit: dispatch what the step scheduled, then ``_post_fire`` per trigger."""
         if not fired:
             return
@@ -656,17 +560,17 @@ class TriggerManager:
         takes no lock.
         """
         if not self._overrides_hooks():
-            self._dispatch(dispatch)
+            self.dispatch(dispatch)
             return
         with self.storage.hook_lock():
-            self._dispatch(dispatch)
+            self.dispatch(dispatch)
             hooks()
 
     def _overrides_hooks(self) -> bool:
         return any(getattr(getattr(self, hook), "__func__", None) is not getattr(TriggerManager, hook)
                    for hook in ("_post_fire", "_post_replay", "_post_skip"))
 
-    def _dispatch(self, instances: Iterable[TaskInstance]) -> None:
+    def dispatch(self, instances: Iterable[TaskInstance]) -> None:
         """Hand stored, scheduled instances to their runners (never under the lock).
 
         A failed hand-over is logged and recorded in the instance's metadata
@@ -689,7 +593,7 @@ class TriggerManager:
             def record(step: SessionStep) -> None:
                 instance = step.instance(name)
                 if instance.status == STATUS_SCHEDULED:
-                    instance.metadata["dispatch_error"] = f"{_qualname(type(exc))}: {exc}"
+                    instance.metadata["dispatch_error"] = f"{exception_name(type(exc))}: {exc}"
                     step.save(instance)
 
             self.storage.transact(record, Want(instances=[name]))
@@ -748,15 +652,15 @@ def _recover_after() -> float:
     return 300.0
 
 
-def _exception_type(cls: type) -> str:
+def exception_name(cls: type) -> str:
     """``module.Name`` of an exception class, built-ins included (``builtins.ValueError``),
     as the original recorded it."""
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _failure_metadata(exc: BaseException, with_traceback: bool = True) -> Kwargs:
+def failure_metadata(exc: BaseException, with_traceback: bool = True) -> Kwargs:
     """What a failed instance's metadata records about the exception."""
-    meta: Kwargs = {"exc_type": _exception_type(type(exc)), "exc_message": str(exc),
+    meta: Kwargs = {"exc_type": exception_name(type(exc)), "exc_message": str(exc),
                     "finished": now()}
     if with_traceback:
         meta["exc_traceback"] = "".join(traceback_module.format_exception(exc))
@@ -764,11 +668,6 @@ def _failure_metadata(exc: BaseException, with_traceback: bool = True) -> Kwargs
     if isinstance(context, Mapping) and context:
         meta["exc_context"] = _json_copy_lenient(context)
     return meta
-
-
-def _qualname(cls: type) -> str:
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
 def _json_copy_lenient(value: Mapping[str, Any]) -> Any:
@@ -823,8 +722,18 @@ class FinalizingTriggerManager(TriggerManager):
         for config in self.get_unresolved_tasks():
             if self.TRIGGER_SESSION_FINALIZED not in config.after_names:
                 return
-        # Two processes may get here at once; only one of them fires.
-        self.fire_once(self.TRIGGER_SESSION_FINALIZED)
+        # The check and the fire are one atomic step: a fire from another process in
+        # between cannot make it finalize a session that has open work again.
+        self._fire_if(self.TRIGGER_SESSION_FINALIZED, None, self._nothing_else_unresolved,
+                      Want(open=True))
+
+    def _nothing_else_unresolved(self, step: SessionStep) -> bool:
+        step.need(Want(counters=step.tasks, open=True))
+        open_tasks = {instance.task_name for instance in step.open_instances()}
+        return not any(
+            self.TRIGGER_SESSION_FINALIZED not in config.after_names
+            and (step.count(name) == 0 or name in open_tasks)
+            for name, config in step.tasks.items())
 
 
 #: Registry of trigger managers: ``trigger_managers.get('default', storage)``.

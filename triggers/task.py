@@ -29,10 +29,12 @@ from triggers.exceptions import (
     InvalidTaskKwargs,
     InvalidTaskResult,
     MaxRetriesExceeded,
-    TriggersError,
+    RetryInstance,
+    SkipInstance,
     with_context,
 )
 from triggers.logging import LevelTracker, LoggerContext
+from triggers.run import Run
 from triggers.types import TaskInstance, merge_dict
 
 if TYPE_CHECKING:
@@ -47,27 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class RetryInstance(Exception):  # noqa: N818 - a control-flow signal, like celery's Retry
-    """Raised (via ``raise self.retry(...)``) to replay the running instance later."""
-
-    def __init__(self, exc: BaseException | None, cooldown: float | None,
-                 replacement_kwargs: dict[str, dict[str, Any]] | None,
-                 metadata: dict[str, Any]) -> None:
-        super().__init__(f"Retry requested{f' after {exc!r}' if exc else ''}")
-        self.exc = exc
-        self.cooldown = cooldown
-        self.replacement_kwargs = replacement_kwargs
-        self.metadata = metadata
-
-
-class SkipInstance(Exception):  # noqa: N818 - a control-flow signal
-    """Raised (via ``raise self.skip(...)``) to mark the running instance skipped."""
-
-    def __init__(self, metadata: dict[str, Any]) -> None:
-        super().__init__("Skip requested")
-        self.metadata = metadata
 
 
 class TaskContext:
@@ -186,9 +167,11 @@ class TriggerTask(Task):  # type: ignore[type-arg]
             self.pop_request()
 
     def execute_instance(self, manager: TriggerManager, instance_name: str) -> Any:
-        instance = manager._start_instance(instance_name)
-        if instance is None:
+        """Run one scheduled instance through the run protocol (:mod:`triggers.run`)."""
+        run = Run.start(manager, instance_name)
+        if run is None:
             return None
+        instance = run.instance
         depth = int(instance.metadata.get("depth", 0))
         if self.request is not None:
             self.request.retries = depth
@@ -197,26 +180,18 @@ class TriggerTask(Task):  # type: ignore[type-arg]
             result = self._run(context)
             cascade = _result_kwargs(result, instance)
         except RetryInstance as retry:
-            manager._retry_instance(instance, retry.replacement_kwargs, retry.cooldown,
-                                    retry.metadata, context.log_level, retry.exc)
+            run.retry(retry.replacement_kwargs, retry.cooldown, retry.metadata,
+                      context.log_level, retry.exc)
             return None
         except SkipInstance as skip:
-            manager._skip_running_instance(instance, skip.metadata, context.log_level)
+            run.skip(skip.metadata, context.log_level)
             return None
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the instance
             logger.error("%s of session %r failed: %s: %s", instance_name, manager.storage.uid,
                          type(exc).__name__, exc, exc_info=True)
-            manager._fail_instance(instance, exc, max(context.log_level, logging.ERROR))
+            run.fail(exc, max(context.log_level, logging.ERROR))
             return None
-        try:
-            manager._finish_instance(instance, cascade, context.log_level)
-        except TriggersError as exc:
-            # The cascade itself was refused (e.g. outcome triggers that loop): the
-            # instance must not stay running.
-            logger.error("Could not finish %s of session %r: %s", instance_name,
-                         manager.storage.uid, exc)
-            manager._fail_instance(instance, exc, max(context.log_level, logging.ERROR))
-            return None
+        run.finish(cascade, context.log_level)
         return cascade
 
     def _run(self, context: TaskContext) -> Mapping[str, Any] | None:

@@ -154,6 +154,11 @@ class Command(BaseCommand):
                           + (" (cascade fired)" if options["cascade"] else ""))
 
     def do_recover(self, options: dict[str, Any]) -> None:
+        from triggers.run import flush_spool
+
+        flushed = flush_spool()
+        if flushed:
+            self.stdout.write(f"Recorded {flushed} spooled outcome(s)")
         uids = list(options["uids"])
         if options["all"]:
             from triggers.storages import storage_backends
