@@ -531,7 +531,7 @@ class TriggerManager:
     def _defer_to_commit(self, apply: Callable[[], Any]) -> bool:
         """Inside the caller's transaction, apply a fire on commit if the storage cannot
         join the transaction; whether it was deferred."""
-        if self.storage.joins_transactions:
+        if self.storage.joins_transactions or self.storage.in_lock_block():
             return False
         alias = self.storage.caller_transaction()
         if alias is None:

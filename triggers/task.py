@@ -15,6 +15,7 @@ A subclass is registered with every Celery app under ``<module>.<ClassName>``
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -236,7 +237,7 @@ def _merged_kwargs(instance: TaskInstance) -> dict[str, dict[str, Any]]:
 
     Fired values win; nested mappings merge; lists and other values are replaced.
     """
-    return merge_dict(instance.config.with_params, instance.kwargs)
+    return merge_dict(copy.deepcopy(instance.config.with_params), instance.kwargs)
 
 
 def _result_kwargs(result: Any, instance: TaskInstance) -> dict[str, Any]:

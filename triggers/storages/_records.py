@@ -159,8 +159,9 @@ _parsed: dict[str, ParsedConfig] = {}
 
 def parse_config(raw: Any, uid: str, where: str, version: str | None = None) -> ParsedConfig:
     """The stored configuration ``raw`` validated and indexed (cached by ``version``)."""
-    if version is not None and version in _parsed:
-        return _parsed[version]
+    cached = _parsed.get(version) if version is not None else None
+    if cached is not None:
+        return cached
     if raw is None:
         raise corrupt(uid, where, f"configuration version {version} is missing")
     if not isinstance(raw, Mapping):

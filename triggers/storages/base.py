@@ -104,13 +104,13 @@ def history_limit() -> int:
 class Want:
     """What a step wants read: the parts of a session a backend loads at once."""
 
-    __slots__ = ("counters", "everything", "instances", "latest", "meta", "open", "triggers",
-                 "waiting")
+    __slots__ = ("counters", "everything", "instances", "latest", "meta", "open", "session",
+                 "triggers", "waiting")
 
     def __init__(self, triggers: Iterable[str] = (), instances: Iterable[str] = (),
                  counters: Iterable[str] = (), latest: Iterable[str] = (),
                  waiting: Iterable[str] = (), meta: Iterable[str] = (), open: bool = False,  # noqa: A002
-                 everything: bool = False) -> None:
+                 everything: bool = False, session: bool = False) -> None:
         #: Fired triggers: the counters and waiting instances of the tasks that react
         #: to them and the latest kwargs of those tasks' triggers (the index says which).
         self.triggers = set(triggers)
@@ -125,12 +125,14 @@ class Want:
         self.open = open
         #: The whole session (inspection).
         self.everything = everything
+        #: Every per-session field (counters, latest kwargs, metadata), no instances.
+        self.session = session or everything
 
     def expand(self, config: records.ParsedConfig) -> Want:
         """The same with ``triggers`` replaced by what the index says they need."""
         want = Want(instances=self.instances, counters=self.counters, latest=self.latest,
                     waiting=self.waiting, meta=self.meta, open=self.open,
-                    everything=self.everything)
+                    everything=self.everything, session=self.session)
         for trigger in self.triggers:
             want.latest.add(trigger)
             entry = config.index.get(trigger)
@@ -142,7 +144,7 @@ class Want:
 
     def __bool__(self) -> bool:
         return bool(self.triggers or self.instances or self.counters or self.latest
-                    or self.waiting or self.meta or self.open or self.everything)
+                    or self.waiting or self.meta or self.open or self.everything or self.session)
 
 
 @runtime_checkable
@@ -203,6 +205,7 @@ class SessionStep:
         self._open: dict[str, TaskInstance] | None = None
         self._all_latest = False
         self._all_meta = False
+        self._all_counters = False
         #: What an optimistic backend checks at commit (its own format).
         self.observed: dict[Any, Any] = {}
         # Writes.
@@ -241,21 +244,27 @@ class SessionStep:
             meta=set() if self._all_meta else {k for k in want.meta if k not in self._meta},
             open=want.open and self._open is None,
             everything=want.everything,
+            session=want.session and not (self._all_latest and self._all_meta
+                                          and self._all_counters),
         )
 
     def loaded_config(self, config: records.ParsedConfig) -> None:
         if self.config is None:
             self.config = config
 
-    def loaded_counter(self, task: str, value: int) -> None:
-        self._counters.setdefault(task, value)
+    def loaded_counter(self, task: str, value: int, complete: bool = False) -> None:
+        if task:
+            self._counters.setdefault(task, value)
+        self._all_counters = self._all_counters or complete
 
     def loaded_latest(self, trigger: str, kwargs: Any, complete: bool = False) -> None:
-        self._latest.setdefault(trigger, kwargs)
+        if trigger:
+            self._latest.setdefault(trigger, kwargs)
         self._all_latest = self._all_latest or complete
 
     def loaded_meta(self, key: str, value: Any, complete: bool = False) -> None:
-        self._meta.setdefault(key, value)
+        if key:
+            self._meta.setdefault(key, value)
         self._all_meta = self._all_meta or complete
 
     def loaded_waiting(self, task: str, instances: Iterable[TaskInstance]) -> None:
@@ -325,14 +334,15 @@ class SessionStep:
     def latest_kwargs(self) -> dict[str, dict[str, Any]]:
         """Every trigger's latest kwargs (reads them all: not for the hot path)."""
         if not self._all_latest:
-            self.need(Want(everything=True))
+            self.need(Want(session=True))
         merged = {name: kwargs for name, kwargs in self._latest.items() if kwargs is not None}
         merged.update(self._set_latest)
         return merged
 
     @property
     def counters(self) -> dict[str, int]:
-        self.need(Want(everything=True))
+        if not self._all_counters:
+            self.need(Want(session=True))
         return {**self._counters, **self._set_counters}
 
     def metadata(self, key: str, default: Any = None) -> Any:
@@ -346,7 +356,7 @@ class SessionStep:
     @property
     def session_metadata(self) -> dict[str, Any]:
         if not self._all_meta:
-            self.need(Want(everything=True))
+            self.need(Want(session=True))
         merged = {key: value for key, value in self._meta.items() if value is not None}
         merged.update(self._set_meta)
         return merged
@@ -527,8 +537,12 @@ class SessionStep:
         self._counters, self._latest, self._meta = {}, {}, {}
         self._waiting, self._open = {}, None
         self._all_latest = self._all_meta = False
-        self._found = {name: None for name, place in places.items() if place is None}
-        self._places = {name: None for name in self._found}
+        # What was read is read again, but where each changed instance was stored (and
+        # its status then) is kept: its record moves from there when the block commits.
+        self._found = {name: (self._dirty.get(name) if place is not None else None)
+                       for name, place in places.items()
+                       if place is None or name in self._dirty}
+        self._places = {name: places[name] for name in self._found}
         self._was = {name: was.get(name) for name in self._found}
 
 
@@ -566,7 +580,12 @@ class _Held:
         self.handed: dict[str, tuple[TaskInstance, dict[str, Any]]] = {}
 
     def hand(self, instance: TaskInstance) -> TaskInstance:
-        if instance.name not in self.handed:
+        tracked = self.handed.get(instance.name)
+        if tracked is None or tracked[0] is not instance:
+            if tracked is not None:
+                # A fresh copy (after a failed nested call): keep what was changed on the
+                # old one, then follow the new one.
+                self.save_handed()
             self.handed[instance.name] = (instance, copy.deepcopy(instance.to_dict()))
         return instance
 
@@ -658,7 +677,11 @@ class BaseTriggerStorage:
 
     @staticmethod
     def caller_transaction() -> str | None:
-        """The alias of a database whose ``transaction.atomic()`` block the caller is in."""
+        """The alias of a database whose ``transaction.atomic()`` block the caller is in.
+
+        The blocks that wrap a ``django.test.TestCase`` do not count: they never
+        commit, and a test sees what happens as if they had.
+        """
         from django.conf import settings
 
         if not settings.configured:
@@ -666,7 +689,9 @@ class BaseTriggerStorage:
         from django.db import connections
 
         for connection in connections.all(initialized_only=True):
-            if connection.in_atomic_block:
+            if connection.in_atomic_block and any(
+                    not getattr(block, "_from_testcase", False)
+                    for block in getattr(connection, "atomic_blocks", [None])):
                 return str(connection.alias)
         return None
 
@@ -738,6 +763,11 @@ class BaseTriggerStorage:
                         result = step_function(step)
                         if not step.changed or self.commit(step):
                             return result
+                        if time.monotonic() >= deadline:
+                            raise LockTimeout(
+                                f"Could not apply a step to session {self.uid!r} within "
+                                f"{self.lock_timeout} s, even holding its lock.",
+                                session_uid=self.uid)
             time.sleep(random.random() * 0.0001 * conflicts)
 
     def step_lock(self, timeout: float) -> AbstractContextManager[str | None]:
@@ -791,8 +821,7 @@ class BaseTriggerStorage:
                 held.save_handed()
             finally:
                 self._held = None
-        for callback in held.callbacks:
-            callback()
+        _run_all(held.callbacks)
 
     def save(self) -> None:
         """Accepted inside :meth:`acquire_lock` (the block's changes are written at its end)."""
@@ -807,6 +836,10 @@ class BaseTriggerStorage:
 
     def invalidate_cache(self) -> None:
         """Accepted for compatibility: reads are never cached (each one is fresh)."""
+
+    def in_lock_block(self) -> bool:
+        """Whether this thread is inside ``with storage.acquire_lock()`` on this object."""
+        return self._held_here() is not None
 
     def _held_here(self) -> _Held | None:
         """The lock block this thread holds on this storage object, if any."""
@@ -1010,12 +1043,12 @@ class BaseTriggerStorage:
 
     @property
     def latest_kwargs(self) -> dict[str, dict[str, Any]]:
-        return self._view(Want(everything=True)).latest_kwargs
+        return self._view(Want(session=True)).latest_kwargs
 
     @property
     def metadata(self) -> dict[str, Any]:
         """Session metadata, including ``latest_kwargs`` and the instance ``counters``."""
-        step = self._view(Want(everything=True))
+        step = self._view(Want(session=True))
         meta = dict(step.session_metadata)
         meta["latest_kwargs"] = step.latest_kwargs
         meta["counters"] = step.counters
@@ -1156,6 +1189,21 @@ class BaseTriggerStorage:
             ) from None
 
 
+def _run_all(callbacks: list[Callable[[], None]]) -> None:
+    """Run every callback even if some fail (logged); then raise the first failure."""
+    import logging
+
+    first: BaseException | None = None
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception as exc:
+            logging.getLogger(__name__).exception("A callback after a lock block failed")
+            first = first or exc
+    if first is not None:
+        raise first
+
+
 def _instance_sort_key(name: str) -> tuple[str, int]:
     task, _, number = name.rpartition("#")
     return task, int(number) if number.isdigit() else -1
@@ -1265,7 +1313,7 @@ class RecordStorage(BaseTriggerStorage):
         assert config is not None
         want = want.expand(config)
         session = session or SessionRecord()
-        if want.everything:
+        if want.session:
             want.counters |= set(config.tasks) | set(session.counters)
             for trigger, kwargs in session.latest.items():
                 step.loaded_latest(trigger, kwargs)
@@ -1275,6 +1323,8 @@ class RecordStorage(BaseTriggerStorage):
             step.loaded_meta("", None, complete=True)
         for task in want.counters:
             step.loaded_counter(task, int(session.counters.get(task, 0)))
+        if want.session:
+            step.loaded_counter("", 0, complete=True)
         for trigger in want.latest:
             step.loaded_latest(trigger, session.latest.get(trigger))
         for key in want.meta:

@@ -193,8 +193,14 @@ class CacheStorageBackend(RecordStorage):
         return values
 
     def _read_session(self) -> SessionRecord | None:
-        data = self._get(["s"]).get("s")
+        found = self._get(["s", "state"])
+        data = found.get("s")
         if data is None:
+            if "state" in found:
+                raise records.corrupt(
+                    self.uid, self._prefix + "state",
+                    "it was stored by release 1 of triggers, whose sessions are upgraded on "
+                    "Redis only; finish it with release 1, or delete it")
             return None
         if not isinstance(data, dict):
             raise records.corrupt(self.uid, self._prefix + "s", "not an object")
@@ -285,14 +291,20 @@ class CacheStorageBackend(RecordStorage):
         if step.new_config is not None:
             values["c"] = step.new_config.raw
         values["s"] = session.to_json()
-        # Keys live forever while the session has open work, ``timeout`` after it is idle.
-        expire = self.timeout if session.open <= 0 else None
+        # Keys live forever while the session has open work, and expire together
+        # ``timeout`` seconds after its last step once it is idle.
+        idle = session.open <= 0
+        was_idle = session.open - step.open_delta() <= 0
+        expire = self.timeout if idle else None
+        encoded = {self._prefix + key: records.dumps(value) for key, value in values.items()}
         try:
-            failed = list(self.cache.set_many(
-                {self._prefix + key: records.dumps(value) for key, value in values.items()},
-                timeout=expire) or [])
+            failed = list(self.cache.set_many(encoded, timeout=expire) or [])
             if deletes:
                 self.cache.delete_many([self._prefix + key for key in deletes])
+            if (idle or was_idle) and self.timeout is not None:
+                for key in self._all_keys(session, config):
+                    if key not in encoded:
+                        self.cache.touch(key, expire)
         except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
             raise StorageError(
                 f"Could not write session {self.uid!r} to cache {self.cache_alias!r}: {exc}. "
@@ -304,11 +316,22 @@ class CacheStorageBackend(RecordStorage):
         if step.observed.get("session") is None:
             self._register()
 
+    def _all_keys(self, session: SessionRecord, config: records.ParsedConfig) -> list[str]:
+        return _all_keys_of(self._prefix, session, config)
+
     def _register(self) -> None:
         """List a new session (see session_uids)."""
         self.cache.add(_SLOTS_KEY, 0, timeout=None)
         slot = self.cache.incr(_SLOTS_KEY)
         self.cache.set(f"{_SLOTS_KEY}:{slot}", self.uid, timeout=None)
+
+
+def _all_keys_of(prefix: str, session: SessionRecord, config: records.ParsedConfig) -> list[str]:
+    keys = [prefix + suffix for suffix in ("s", "c", "a", "h")]
+    keys += [f"{prefix}w:{task}" for task in config.tasks]
+    keys += [f"{prefix}d:{task}#{n}" for task, count in session.counters.items()
+             for n in range(count)]
+    return keys
 
 
 def _cache_aliases() -> list[str]:

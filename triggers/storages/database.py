@@ -210,8 +210,9 @@ class DatabaseStorageBackend(RecordStorage):
 
     def _read_config(self) -> Any:
         with self._reading():
-            return (self._models()[0].objects.using(self.using).filter(uid=self.uid)
-                    .values_list("config", flat=True).first()) or None
+            rows = list(self._models()[0].objects.using(self.using).filter(uid=self.uid)
+                        .values_list("config", flat=True)[:1])
+        return rows[0] if rows else None
 
     def _rows(self, **filters: Any) -> list[tuple[str, Any, str]]:
         with self._reading():

@@ -46,7 +46,8 @@ class MemoryStorageBackend(RecordStorage):
             self._store = self._stores.setdefault(namespace, {})
 
     def get_options(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "lock_timeout": self.lock_timeout}
+        return {"namespace": self.namespace, "lock_expire": self.lock_expire,
+                "lock_timeout": self.lock_timeout}
 
     def exclusive(self) -> Any:
         return self.session_lock()
@@ -97,11 +98,17 @@ class MemoryStorageBackend(RecordStorage):
 
     def _write(self, step: SessionStep, session: SessionRecord,
                events: list[dict[str, Any]]) -> None:
+        # Encode everything first: a value JSON cannot hold changes nothing.
+        config = records.dumps(step.new_config.raw) if step.new_config is not None else None
+        moves = [(instance, before, after, records.instance_to_json(instance))
+                 for instance, before, after in step.moves()]
+        encoded_events = [records.dumps(e) for e in events]
+        encoded_session = records.dumps(session.to_json())
         data = self._data() or _Session()
-        if step.new_config is not None:
-            data.config = records.dumps(step.new_config.raw)
+        if config is not None:
+            data.config = config
         places = {records.PLACE_ACTIVE: data.active, records.PLACE_DONE: data.done}
-        for instance, before, after in step.moves():
+        for instance, before, after, text in moves:
             task = instance.task_name
             if before is not None and before != after:
                 where = data.waiting.get(task, {}) if before == records.PLACE_WAITING \
@@ -109,11 +116,11 @@ class MemoryStorageBackend(RecordStorage):
                 where.pop(instance.name, None)
             target = data.waiting.setdefault(task, {}) if after == records.PLACE_WAITING \
                 else places[after]
-            target[instance.name] = records.instance_to_json(instance)
+            target[instance.name] = text
         limit = history_limit()
         if limit:
-            data.history = (data.history + [records.dumps(e) for e in events])[-limit:]
-        data.session = records.dumps(session.to_json())
+            data.history = (data.history + encoded_events)[-limit:]
+        data.session = encoded_session
         self._store[self.uid] = data
 
     def read_history(self, limit: int | None) -> list[dict[str, Any]]:

@@ -80,6 +80,7 @@ n = tonumber(take())
 for _ = 1, n do names[#names + 1] = take() end
 local open = take() == '1'
 local all = take() == '1'
+local fields_only = take() == '1'
 if open or all then
   local listed = redis.call('HGET', s, 'tasks')
   if listed then for _, x in ipairs(cjson.decode(listed)) do task(x) end end
@@ -101,7 +102,8 @@ for _, name in ipairs(names) do
 end
 local active, done, everything = {}, {}, {}
 if open or all then active = redis.call('HGETALL', a) end
-if all then done = redis.call('HGETALL', d); everything = redis.call('HGETALL', s) end
+if all then done = redis.call('HGETALL', d) end
+if all or fields_only then everything = redis.call('HGETALL', s) end
 return {'ok', fields, values, waiting, found, active, done, everything}
 """
 
@@ -118,7 +120,29 @@ for _ = 1, n do
   if v then seen = redis.sha1hex(v) end
   if seen ~= e then return 'conflict' end
 end
+-- Nothing is written unless every write can succeed: Lua does not roll back.
+local kinds = {'hash', 'hash', 'hash', 'list', 'string'}
+for j = 1, #KEYS do
+  if j ~= 6 then
+    local kind = redis.call('TYPE', KEYS[j])['ok']
+    if kind ~= 'none' and kind ~= (kinds[j] or 'hash') then return 'corrupt:' .. KEYS[j] end
+  end
+end
+local opened = redis.call('HGET', KEYS[1], 'o')
+if opened and not tonumber(opened) then return 'corrupt:' .. KEYS[1] end
 n = tonumber(take())
+local first = i
+for _ = 1, n do
+  local op, k, f = take(), KEYS[tonumber(take())], take()
+  if op ~= 'D' then
+    local value = take()
+    if op == 'I' then
+      local current = redis.call('HGET', k, f)
+      if current and not tonumber(current) then return 'corrupt:' .. k end
+    end
+  end
+end
+i = first
 for _ = 1, n do
   local op, k, f = take(), KEYS[tonumber(take())], take()
   if op == 'S' then redis.call('HSET', k, f, take())
@@ -147,6 +171,10 @@ return 'ok'
 """
 
 _S, _A, _D, _H, _C, _LOCK = 1, 2, 3, 4, 5, 6
+
+
+class _ConfigChanged(Exception):
+    """The configuration was replaced between reading its version and reading it."""
 
 
 def _text(value: Any) -> str:
@@ -214,11 +242,25 @@ class RedisEngine:
         fields = sorted({"k:" + t for t in want.latest} | {"m:" + k for k in want.meta})
         args += [len(fields), *fields]
         names = sorted(want.instances)
-        args += [len(names), *names, "1" if want.open else "0", "1" if want.everything else "0"]
-        reply = self.call(self._read, [self.key("s"), self.key("a"), self.key("d")], args)
-        if _text(reply[0]) == "old":
-            self.upgrade()
-            reply = self.call(self._read, [self.key("s"), self.key("a"), self.key("d")], args)
+        args += [len(names), *names, "1" if want.open else "0", "1" if want.everything else "0",
+                 "1" if want.session else "0"]
+        keys = [self.key("s"), self.key("a"), self.key("d")]
+        for _attempt in range(10):
+            reply = self.call(self._read, keys, args)
+            if _text(reply[0]) == "old":
+                self.upgrade()
+                reply = self.call(self._read, keys, args)
+            if step.config is not None:
+                break
+            version = reply[2][0]  # the first field read is always "v"
+            try:
+                step.loaded_config(self.config(version))
+                break
+            except _ConfigChanged:
+                continue  # replaced between the two reads: read everything again
+        else:
+            raise records.corrupt(self.uid, self.prefix + "c",
+                                  f"the configuration is not version {_text(version)}")
         _status, fields_read, values, waiting, found, active, done, everything = reply
         observed: dict[tuple[str, str], str] = step.observed.setdefault("checks", {})
         session_values: dict[str, Any] = {}
@@ -226,15 +268,14 @@ class RedisEngine:
             name = _text(field)
             observed.setdefault((self.key("s"), name), records.digest(raw))
             session_values[name] = raw
-        if step.config is None:
-            step.loaded_config(self.config(session_values.get("v")))
         config = step.config
         assert config is not None
         self._take_session_fields(step, session_values, complete=False)
-        if want.everything:
+        if want.session:
             self._take_session_fields(step, records.flatten(everything), complete=True)
             for task in config.tasks:
                 step.loaded_counter(task, 0)
+            step.loaded_counter("", 0, complete=True)
         listed = records.flatten(waiting)
         for task, entries in listed.items():
             task_name = _text(task)
@@ -305,9 +346,10 @@ class RedisEngine:
         if raw is None:
             raise records.corrupt(self.uid, self.prefix + "c", "the configuration is missing")
         data = self.decode(raw, "c")
-        if not isinstance(data, dict) or data.get("v") != version:
-            raise records.corrupt(self.uid, self.prefix + "c",
-                                  f"the configuration is not version {version}")
+        if not isinstance(data, dict):
+            raise records.corrupt(self.uid, self.prefix + "c", "the configuration is not an object")
+        if data.get("v") != version:
+            raise _ConfigChanged(version)
         return records.parse_config(data.get("tasks"), self.uid, self.prefix + "c", version)
 
     # -- writing ------------------------------------------------------------------
@@ -374,6 +416,10 @@ class RedisEngine:
         if outcome == "locked":
             step.observed["locked"] = True
             return False
+        if outcome.startswith("corrupt:"):
+            raise records.corrupt(self.uid, outcome[len("corrupt:"):],
+                                  "a key holds a value of another type, or a count is not a "
+                                  "number; nothing was written")
         return outcome == "ok"
 
     # -- the rest of the contract ------------------------------------------------
