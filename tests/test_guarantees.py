@@ -167,3 +167,102 @@ def test_an_outcome_the_store_cannot_take_is_spooled_and_recorded_later(
     assert storage["t#0"].metadata["result"] == {"instance": "t#0"}
     assert executions(uid, "t#0") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# -- 3. Ambiguous commits resolve themselves; idempotency keys -------------------------------
+
+
+IDEM_CONFIG = {"t_page": {"after": [], "andEvery": "page", "run": "tests.Echo"}}
+
+
+@pytest.mark.parametrize("kind", ["django_redis", "redis", "locmem", "memory", "db_sqlite",
+                                  "db_postgres", "dict"])
+def test_a_fire_repeated_with_its_idempotency_key_is_applied_once(kind, uid):
+    manager = TriggerManager(make_storage(kind, uid))
+    manager.update_configuration(IDEM_CONFIG)
+    first = manager.fire("page", {"n": 1}, idempotency_key="request-1")
+    again = TriggerManager(make_storage(kind, uid)).fire("page", {"n": 1},
+                                                         idempotency_key="request-1")
+    assert [i.name for i in first] == [i.name for i in again] == ["t_page#0"]
+    manager.fire("page", {"n": 2}, idempotency_key="request-2")
+    ThreadingTaskRunner.join_all()
+    assert statuses(manager.storage) == {"t_page#0": "finished", "t_page#1": "finished"}
+    fired = [e["trigger"] for e in manager.storage.history() if e["event"] == "fired"]
+    assert fired.count("page") == 2
+
+
+@pytest.mark.parametrize("kind", ["redis", "db_sqlite", "memory"])
+def test_idempotency_keys_are_bounded(kind, uid, settings):
+    settings.TRIGGERS = {"IDEMPOTENCY_KEYS": 3}
+    manager = TriggerManager(make_storage(kind, uid))
+    manager.update_configuration(IDEM_CONFIG)
+    for n in range(5):
+        manager.fire("page", {"n": n}, idempotency_key=f"k{n}")
+    manager.fire("page", {"n": 4}, idempotency_key="k4")  # kept: applied once
+    manager.fire("page", {"n": 0}, idempotency_key="k0")  # forgotten: applied again
+    ThreadingTaskRunner.join_all()
+    assert len(manager.storage.instances_of_task("t_page")) == 6
+
+
+@pytest.mark.parametrize("key", ["", "   ", 42, "x" * 256])
+def test_a_bad_idempotency_key_is_refused_and_changes_nothing(key, uid):
+    from triggers.exceptions import InvalidArgument
+
+    manager = TriggerManager(make_storage("redis", uid))
+    manager.update_configuration(IDEM_CONFIG)
+    before = manager.storage.debug_repr()
+    with pytest.raises(InvalidArgument, match="idempotency_key"):
+        manager.fire("page", idempotency_key=key)
+    assert manager.storage.debug_repr() == before
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_a_commit_whose_reply_is_lost_resolves_itself(applied, uid):
+    """The connection breaks after the commit was sent (applied) or before (not applied):
+    fire() returns normally either way and the andEvery fire is applied exactly once."""
+    import redis
+
+    storage = make_storage("redis", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration(IDEM_CONFIG)
+    real = storage.engine._commit
+    broken = []
+
+    def lose_the_reply(keys, args):
+        if not broken:
+            broken.append(1)
+            if applied:
+                real(keys=keys, args=args)
+            raise redis.ConnectionError("Connection closed by server (simulated).")
+        return real(keys=keys, args=args)
+
+    storage.engine._commit = lose_the_reply
+    scheduled = manager.fire("page", {"n": 1})
+    storage.engine._commit = real
+    ThreadingTaskRunner.join_all()
+    assert broken == [1]
+    assert [i.name for i in scheduled] == ["t_page#0"]
+    assert statuses(storage) == {"t_page#0": "finished"}
+
+
+def test_a_commit_still_in_flight_after_the_check_is_refused(uid):
+    """Once the check found a step's token absent, that step's commit can never apply."""
+    storage = make_storage("redis", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration(IDEM_CONFIG)
+    engine = storage.engine
+    sent = {}
+    real = engine._commit
+
+    def capture(keys, args):
+        sent.update(keys=keys, args=args)
+        return real(keys=keys, args=args)
+
+    engine._commit = capture
+    manager.fire("page", {"n": 1})
+    engine._commit = real
+    token = "f" * 16
+    args = list(sent["args"])
+    args[1] = token
+    assert engine._resolve(keys=[engine.key("t")], args=[token]) == b"absent"
+    assert engine._commit(keys=sent["keys"], args=args) == b"aborted"

@@ -44,7 +44,7 @@ def test_state_is_json_under_one_hash_tag(alias, uid):
     client = raw_redis(storage)
     keys = sorted(k.decode() for k in client.keys(f"*{{{uid}}}*")
                   if not k.startswith(b"lock"))
-    assert keys == sorted(key(storage, suffix) for suffix in ("s", "c", "d", "h"))
+    assert keys == sorted(key(storage, suffix) for suffix in ("s", "c", "d", "h", "t"))
     session = client.hgetall(key(storage, "s"))
     values = [client.get(key(storage, "c")), client.hget(key(storage, "d"), "t#0"),
               *(value for field, value in session.items()

@@ -51,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "OUTCOME_RETRY": 60,
     # Directory of spooled outcomes; None: <tempdir>/triggers-outcomes.
     "OUTCOME_SPOOL": None,
+    # Idempotency keys of fire(..., idempotency_key=...) kept per session (the newest).
+    "IDEMPOTENCY_KEYS": 1000,
     # History events kept per session (the oldest are dropped); 0: keep no history.
     "HISTORY_LIMIT": 1000,
     # Accept 'run' names this process's Celery app does not know (tasks that only the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import traceback as traceback_module
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from triggers import _json as stored_json
 from triggers import runners
@@ -108,9 +108,14 @@ class TriggerManager:
         )
         self.storage.update_configuration(configs)
 
-    def fire(self, trigger_name: str, trigger_kwargs: Mapping[str, Any] | None = None
-             ) -> list[TaskInstance]:
+    def fire(self, trigger_name: str, trigger_kwargs: Mapping[str, Any] | None = None, *,
+             idempotency_key: str | None = None) -> list[TaskInstance]:
         """Fire a trigger; returns the instances it scheduled.
+
+        With ``idempotency_key``, a fire repeated with the same key in the same
+        session (a web request retried, a webhook delivered twice) is applied once;
+        a repeat changes nothing and returns what the first one scheduled. Keys are
+        kept for the session's life, the newest ``TRIGGERS['IDEMPOTENCY_KEYS']``.
 
         Inside the caller's ``transaction.atomic()`` (``ATOMIC_REQUESTS``
         included), a storage whose steps cannot join that transaction (Redis, a
@@ -119,14 +124,30 @@ class TriggerManager:
         applies it in the transaction and dispatches on commit.
         """
         kwargs = self._check_trigger(trigger_name, trigger_kwargs)
-        if self._defer_to_commit(lambda: self.fire(trigger_name, kwargs)):
+        key = _check_idempotency_key(idempotency_key, self.storage.uid)
+        if self._defer_to_commit(
+                lambda: self.fire(trigger_name, kwargs, idempotency_key=key)):
             return []
 
-        def apply(step: SessionStep) -> Fired:
+        def apply(step: SessionStep) -> Fired | list[str]:
+            if key is not None:
+                earlier = step.remembered(key)
+                if earlier is not None:
+                    return earlier
             self.apply_trigger(step, trigger_name, kwargs)
+            if key is not None:
+                step.remember(key, [instance.name for instance in step.fired[0][1]])
             return step.fired
 
-        fired = self.storage.transact(apply, Want(triggers=[trigger_name]))
+        outcome = self.storage.transact(apply, Want(
+            triggers=[trigger_name], idempotency=[key] if key is not None else []))
+        if outcome and isinstance(outcome[0], str):
+            logger.info("Fire of %r in session %r with idempotency key %r was applied before; "
+                        "nothing changed.", trigger_name, self.storage.uid, key)
+            return [self.storage[name] for name in outcome]
+        fired = cast(Fired, outcome)
+        if not fired:
+            return []
         self.after_step(fired)
         return fired[0][1]
 
@@ -640,6 +661,16 @@ class TriggerManager:
             f"Expected a task instance or its name, got {type(task_instance).__name__} "
             f"{task_instance!r}"
         )
+
+
+def _check_idempotency_key(key: Any, uid: str) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key.strip() or len(key) > 255:
+        raise InvalidArgument(
+            f"idempotency_key must be a non-empty string of at most 255 characters, got "
+            f"{type(key).__name__} {key!r:.80}", session_uid=uid)
+    return key
 
 
 def _recover_after() -> float:

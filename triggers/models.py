@@ -7,7 +7,8 @@ from django.db import models
 from triggers import _json as stored_json
 from triggers.types import RESOLVED_STATUSES, TaskStatus
 
-__all__ = ["TriggerEvent", "TriggerInstance", "TriggerLock", "TriggerSession"]
+__all__ = ["TriggerEvent", "TriggerIdempotencyKey", "TriggerInstance", "TriggerLock",
+           "TriggerSession"]
 
 STATUS_CHOICES = [(status.value, status.value) for status in TaskStatus]
 
@@ -113,3 +114,22 @@ class TriggerEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session_id}:{self.seq}"
+
+
+class TriggerIdempotencyKey(models.Model):
+    """What a fire with an idempotency key scheduled (``fire(..., idempotency_key=...)``)."""
+
+    session = models.ForeignKey(TriggerSession, on_delete=models.CASCADE,
+                                related_name="idempotency_keys")
+    key = models.CharField(max_length=255)
+    #: Names of the instances the fire scheduled.
+    result = models.JSONField(default=list)
+
+    class Meta:
+        verbose_name = "trigger idempotency key"
+        constraints = [
+            models.UniqueConstraint(fields=["session", "key"], name="triggers_idempotency_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.session_id}:{self.key}"

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -90,6 +91,21 @@ _STATUS_EVENTS = {
 }
 
 
+#: Default of ``TRIGGERS['IDEMPOTENCY_KEYS']``: idempotency keys kept per session.
+DEFAULT_IDEMPOTENCY_KEYS = 1000
+
+
+def idempotency_limit() -> int:
+    """``TRIGGERS['IDEMPOTENCY_KEYS']``: the newest keys kept per session."""
+    from django.conf import settings
+
+    if settings.configured:
+        from triggers.conf import triggers_settings
+
+        return int(triggers_settings.IDEMPOTENCY_KEYS)
+    return DEFAULT_IDEMPOTENCY_KEYS
+
+
 def history_limit() -> int:
     """``TRIGGERS['HISTORY_LIMIT']`` (events kept per session; 0: no history)."""
     from django.conf import settings
@@ -104,13 +120,14 @@ def history_limit() -> int:
 class Want:
     """What a step wants read: the parts of a session a backend loads at once."""
 
-    __slots__ = ("counters", "everything", "instances", "latest", "meta", "open", "session",
-                 "triggers", "waiting")
+    __slots__ = ("counters", "everything", "idempotency", "instances", "latest", "meta", "open",
+                 "session", "triggers", "waiting")
 
     def __init__(self, triggers: Iterable[str] = (), instances: Iterable[str] = (),
                  counters: Iterable[str] = (), latest: Iterable[str] = (),
                  waiting: Iterable[str] = (), meta: Iterable[str] = (), open: bool = False,  # noqa: A002
-                 everything: bool = False, session: bool = False) -> None:
+                 everything: bool = False, session: bool = False,
+                 idempotency: Iterable[str] = ()) -> None:
         #: Fired triggers: the counters and waiting instances of the tasks that react
         #: to them and the latest kwargs of those tasks' triggers (the index says which).
         self.triggers = set(triggers)
@@ -127,12 +144,15 @@ class Want:
         self.everything = everything
         #: Every per-session field (counters, latest kwargs, metadata), no instances.
         self.session = session or everything
+        #: Idempotency keys whose records are wanted.
+        self.idempotency = set(idempotency)
 
     def expand(self, config: records.ParsedConfig) -> Want:
         """The same with ``triggers`` replaced by what the index says they need."""
         want = Want(instances=self.instances, counters=self.counters, latest=self.latest,
                     waiting=self.waiting, meta=self.meta, open=self.open,
-                    everything=self.everything, session=self.session)
+                    everything=self.everything, session=self.session,
+                    idempotency=self.idempotency)
         for trigger in self.triggers:
             want.latest.add(trigger)
             entry = config.index.get(trigger)
@@ -144,7 +164,8 @@ class Want:
 
     def __bool__(self) -> bool:
         return bool(self.triggers or self.instances or self.counters or self.latest
-                    or self.waiting or self.meta or self.open or self.everything or self.session)
+                    or self.waiting or self.meta or self.open or self.everything or self.session
+                    or self.idempotency)
 
 
 @runtime_checkable
@@ -206,6 +227,10 @@ class SessionStep:
         self._all_latest = False
         self._all_meta = False
         self._all_counters = False
+        self._remembered: dict[str, list[str] | None] = {}
+        #: A token written with the step's changes: after an unknown outcome the backend
+        #: can tell whether they were applied.
+        self.token = secrets.token_hex(8)
         #: What an optimistic backend checks at commit (its own format).
         self.observed: dict[Any, Any] = {}
         # Writes.
@@ -215,6 +240,7 @@ class SessionStep:
         self._set_meta: dict[str, Any] = {}
         self._dirty: dict[str, TaskInstance] = {}
         self._notes: dict[str, str] = {}
+        self._idem_new: dict[str, list[str]] = {}
         self._events: list[dict[str, Any]] = []
         #: Triggers applied in this step, in order, with the instances each scheduled.
         self.fired: list[tuple[str, list[TaskInstance]]] = []
@@ -246,6 +272,7 @@ class SessionStep:
             everything=want.everything,
             session=want.session and not (self._all_latest and self._all_meta
                                           and self._all_counters),
+            idempotency={k for k in want.idempotency if k not in self._remembered},
         )
 
     def loaded_config(self, config: records.ParsedConfig) -> None:
@@ -266,6 +293,9 @@ class SessionStep:
         if key:
             self._meta.setdefault(key, value)
         self._all_meta = self._all_meta or complete
+
+    def loaded_idempotency(self, key: str, names: list[str] | None) -> None:
+        self._remembered.setdefault(key, names)
 
     def loaded_waiting(self, task: str, instances: Iterable[TaskInstance]) -> None:
         if task in self._waiting:
@@ -400,6 +430,22 @@ class SessionStep:
             )
         return found
 
+    def remembered(self, key: str) -> list[str] | None:
+        """What the step that used idempotency key ``key`` scheduled, or ``None``."""
+        if key in self._idem_new:
+            return self._idem_new[key]
+        if key not in self._remembered:
+            self.need(Want(idempotency=[key]))
+        return self._remembered.get(key)
+
+    def remember(self, key: str, names: list[str]) -> None:
+        """Record that this step used idempotency key ``key`` and scheduled ``names``."""
+        self._idem_new[key] = list(names)
+
+    @property
+    def new_idempotency(self) -> dict[str, list[str]]:
+        return self._idem_new
+
     def find(self, name: str) -> TaskInstance | None:
         try:
             return self.instance(name)
@@ -467,7 +513,7 @@ class SessionStep:
     @property
     def changed(self) -> bool:
         return bool(self._dirty or self._set_latest or self._set_counters or self._set_meta
-                    or self._new_config is not None)
+                    or self._idem_new or self._new_config is not None)
 
     # -- what a backend commits ---------------------------------------------------
 
@@ -528,12 +574,13 @@ class SessionStep:
         return (self._new_config, dict(self._set_counters), copy.deepcopy(self._set_latest),
                 copy.deepcopy(self._set_meta), {n: _clone(i) for n, i in self._dirty.items()},
                 dict(self._places), dict(self._was), dict(self._notes), list(self._events),
-                list(self.fired))
+                list(self.fired), dict(self._idem_new))
 
     def restore(self, checkpoint: tuple[Any, ...]) -> None:
         """Back to :meth:`checkpoint`; what was read is read again (the session is locked)."""
         (self._new_config, self._set_counters, self._set_latest, self._set_meta, self._dirty,
-         places, was, self._notes, self._events, self.fired) = checkpoint
+         places, was, self._notes, self._events, self.fired, self._idem_new) = checkpoint
+        self._remembered = {}
         self._counters, self._latest, self._meta = {}, {}, {}
         self._waiting, self._open = {}, None
         self._all_latest = self._all_meta = False
@@ -893,6 +940,9 @@ class BaseTriggerStorage:
         latest = meta.pop("latest_kwargs", {}) or {}
         counters = meta.pop("counters", None)
         meta.pop("history", None)
+        idempotency = meta.pop("idempotency", None) or {}
+        for key in want.idempotency:
+            step.loaded_idempotency(key, idempotency.get(key))
         if counters is None:
             counters = {}
             for name in self._instances:
@@ -936,6 +986,10 @@ class BaseTriggerStorage:
         limit = history_limit()
         if limit:
             meta["history"] = (list(meta.get("history") or []) + step.history())[-limit:]
+        if step.new_idempotency:
+            kept = dict(meta.get("idempotency") or {})
+            kept.update(step.new_idempotency)
+            meta["idempotency"] = dict(list(kept.items())[-idempotency_limit():])
         self._metadata = meta
         self._save()
         return True
@@ -1278,6 +1332,10 @@ class RecordStorage(BaseTriggerStorage):
         """Raw records and places of the open instances (of every instance if ``everything``)."""
         raise NotImplementedError
 
+    def _read_idempotency(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        """The recorded result (scheduled instance names) of each idempotency key found."""
+        raise NotImplementedError
+
     def _write(self, step: SessionStep, session: SessionRecord,
                events: list[dict[str, Any]]) -> None:
         raise NotImplementedError
@@ -1339,6 +1397,10 @@ class RecordStorage(BaseTriggerStorage):
                 step.loaded_instance(
                     name, self._instance(name, raw_place[0], config) if raw_place else None,
                     raw_place[1] if raw_place else None)
+        if want.idempotency:
+            found_keys = self._read_idempotency(sorted(want.idempotency))
+            for key in want.idempotency:
+                step.loaded_idempotency(key, found_keys.get(key))
         if want.open or want.everything:
             rows = self._read_open(want.everything)
             instances = [self._instance(name, raw, config) for name, raw, _place in rows]

@@ -32,6 +32,7 @@ from triggers.storages.base import (
     SessionStep,
     Want,
     history_limit,
+    idempotency_limit,
 )
 from triggers.storages.redis import RedisEngine, locked_step, scan_uids
 
@@ -256,6 +257,10 @@ class CacheStorageBackend(RecordStorage):
                  if key.startswith("d:")]
         return rows
 
+    def _read_idempotency(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        found = self._get(["y:" + key for key in keys])
+        return {key[2:]: value for key, value in found.items()}
+
     def _write(self, step: SessionStep, session: SessionRecord,
                events: list[dict[str, Any]]) -> None:
         config = step.new_config or step.config
@@ -288,6 +293,12 @@ class CacheStorageBackend(RecordStorage):
         if events and limit:
             current["h"] = (list(current.get("h") or []) + events)[-limit:]
         values.update(current)
+        if step.new_idempotency:
+            order = [*(self._get(["yl"]).get("yl") or []), *step.new_idempotency]
+            keep = idempotency_limit()
+            deletes += ["y:" + key for key in order[:-keep]]
+            values["yl"] = order[-keep:]
+            values.update({"y:" + key: names for key, names in step.new_idempotency.items()})
         if step.new_config is not None:
             values["c"] = step.new_config.raw
         values["s"] = session.to_json()
@@ -327,7 +338,7 @@ class CacheStorageBackend(RecordStorage):
 
 
 def _all_keys_of(prefix: str, session: SessionRecord, config: records.ParsedConfig) -> list[str]:
-    keys = [prefix + suffix for suffix in ("s", "c", "a", "h")]
+    keys = [prefix + suffix for suffix in ("s", "c", "a", "h", "yl")]
     keys += [f"{prefix}w:{task}" for task in config.tasks]
     keys += [f"{prefix}d:{task}#{n}" for task, count in session.counters.items()
              for n in range(count)]

@@ -34,7 +34,13 @@ from django.utils import timezone
 from triggers.exceptions import InvalidArgument, LockError, LockTimeout, StorageError
 from triggers.locking import DEFAULT_LOCK_EXPIRE, DEFAULT_LOCK_TIMEOUT, BaseLock
 from triggers.storages import _records as records
-from triggers.storages.base import RecordStorage, SessionRecord, SessionStep, history_limit
+from triggers.storages.base import (
+    RecordStorage,
+    SessionRecord,
+    SessionStep,
+    history_limit,
+    idempotency_limit,
+)
 
 __all__ = ["DatabaseLock", "DatabaseStorageBackend"]
 
@@ -235,6 +241,14 @@ class DatabaseStorageBackend(RecordStorage):
     def _read_instances(self, names: Iterable[str]) -> dict[str, tuple[Any, str]]:
         return {name: (raw, place) for name, raw, place in self._rows(name__in=list(names))}
 
+    def _read_idempotency(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        from triggers.models import TriggerIdempotencyKey
+
+        with self._reading():
+            return dict(TriggerIdempotencyKey.objects.using(self.using)
+                        .filter(session_id=self.uid, key__in=list(keys))
+                        .values_list("key", "result"))
+
     def _read_open(self, everything: bool) -> list[tuple[str, Any, str]]:
         return self._rows() if everything else self._rows(resolved=False)
 
@@ -261,6 +275,16 @@ class DatabaseStorageBackend(RecordStorage):
                 update_fields=["status", "waiting", "resolved", "kwargs", "metadata", "unless",
                                "modified"],
             )
+        if step.new_idempotency:
+            from triggers.models import TriggerIdempotencyKey
+
+            keys = TriggerIdempotencyKey.objects.using(self.using)
+            keys.bulk_create([TriggerIdempotencyKey(session_id=self.uid, key=key, result=names)
+                              for key, names in step.new_idempotency.items()])
+            old = list(keys.filter(session_id=self.uid).order_by("-id")
+                       .values_list("id", flat=True)[idempotency_limit():idempotency_limit() + 1])
+            if old:
+                keys.filter(session_id=self.uid, id__lte=old[0]).delete()
         limit = history_limit()
         if events and limit:
             first = session.history_seq - len(events) + 1

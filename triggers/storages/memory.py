@@ -14,13 +14,19 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from triggers.storages import _records as records
-from triggers.storages.base import RecordStorage, SessionRecord, SessionStep, history_limit
+from triggers.storages.base import (
+    RecordStorage,
+    SessionRecord,
+    SessionStep,
+    history_limit,
+    idempotency_limit,
+)
 
 __all__ = ["MemoryStorageBackend"]
 
 
 class _Session:
-    __slots__ = ("active", "config", "done", "history", "session", "waiting")
+    __slots__ = ("active", "config", "done", "history", "idempotency", "session", "waiting")
 
     def __init__(self) -> None:
         self.session = ""
@@ -29,6 +35,7 @@ class _Session:
         self.active: dict[str, str] = {}
         self.done: dict[str, str] = {}
         self.history: list[str] = []
+        self.idempotency: dict[str, str] = {}
 
 
 class MemoryStorageBackend(RecordStorage):
@@ -96,6 +103,13 @@ class MemoryStorageBackend(RecordStorage):
             rows += [(name, raw, records.PLACE_DONE) for name, raw in data.done.items()]
         return rows
 
+    def _read_idempotency(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        data = self._data()
+        if data is None:
+            return {}
+        return {key: records.decode(data.idempotency[key], self.uid, "memory")
+                for key in keys if key in data.idempotency}
+
     def _write(self, step: SessionStep, session: SessionRecord,
                events: list[dict[str, Any]]) -> None:
         # Encode everything first: a value JSON cannot hold changes nothing.
@@ -104,6 +118,7 @@ class MemoryStorageBackend(RecordStorage):
                  for instance, before, after in step.moves()]
         encoded_events = [records.dumps(e) for e in events]
         encoded_session = records.dumps(session.to_json())
+        remembered = {key: records.dumps(names) for key, names in step.new_idempotency.items()}
         data = self._data() or _Session()
         if config is not None:
             data.config = config
@@ -120,6 +135,10 @@ class MemoryStorageBackend(RecordStorage):
         limit = history_limit()
         if limit:
             data.history = (data.history + encoded_events)[-limit:]
+        if remembered:
+            data.idempotency.update(remembered)
+            for key in list(data.idempotency)[:-idempotency_limit()]:
+                del data.idempotency[key]
         data.session = encoded_session
         self._store[self.uid] = data
 

@@ -42,6 +42,7 @@ from triggers.storages.base import (
     SessionStep,
     Want,
     history_limit,
+    idempotency_limit,
 )
 from triggers.types import TaskInstance
 
@@ -81,6 +82,13 @@ for _ = 1, n do names[#names + 1] = take() end
 local open = take() == '1'
 local all = take() == '1'
 local fields_only = take() == '1'
+local idempotency = {}
+n = tonumber(take())
+for _ = 1, n do
+  local key = take()
+  idempotency[#idempotency + 1] = key
+  idempotency[#idempotency + 1] = redis.call('HGET', P .. 'y', key)
+end
 if open or all then
   local listed = redis.call('HGET', s, 'tasks')
   if listed then for _, x in ipairs(cjson.decode(listed)) do task(x) end end
@@ -104,13 +112,17 @@ local active, done, everything = {}, {}, {}
 if open or all then active = redis.call('HGETALL', a) end
 if all then done = redis.call('HGETALL', d) end
 if all or fields_only then everything = redis.call('HGETALL', s) end
-return {'ok', fields, values, waiting, found, active, done, everything}
+return {'ok', fields, values, waiting, found, active, done, everything, idempotency}
 """
 
 _COMMIT = """
 local lock = KEYS[6]
 if redis.call('EXISTS', lock) == 1 and redis.call('GET', lock) ~= ARGV[1] then return 'locked' end
-local i = 2
+local token = ARGV[2]
+if redis.call('TYPE', KEYS[9])['ok'] == 'list' and redis.call('LPOS', KEYS[9], '!' .. token) then
+  return 'aborted'
+end
+local i = 3
 local function take() local v = ARGV[i]; i = i + 1; return v end
 local n = tonumber(take())
 for _ = 1, n do
@@ -121,7 +133,7 @@ for _ = 1, n do
   if seen ~= e then return 'conflict' end
 end
 -- Nothing is written unless every write can succeed: Lua does not roll back.
-local kinds = {'hash', 'hash', 'hash', 'list', 'string'}
+local kinds = {'hash', 'hash', 'hash', 'list', 'string', 'string', 'hash', 'list', 'list'}
 for j = 1, #KEYS do
   if j ~= 6 then
     local kind = redis.call('TYPE', KEYS[j])['ok']
@@ -158,6 +170,17 @@ for _ = 1, n do
   if limit > 0 then redis.call('RPUSH', KEYS[4], event) end
 end
 if n > 0 and limit > 0 then redis.call('LTRIM', KEYS[4], -limit, -1) end
+n = tonumber(take())
+local kept = tonumber(take())
+for _ = 1, n do redis.call('RPUSH', KEYS[8], take()) end
+if n > 0 then
+  while redis.call('LLEN', KEYS[8]) > kept do
+    local oldest = redis.call('LPOP', KEYS[8])
+    if oldest then redis.call('HDEL', KEYS[7], oldest) end
+  end
+end
+redis.call('LPUSH', KEYS[9], token)
+redis.call('LTRIM', KEYS[9], 0, 199)
 local delta, timeout = tonumber(take()), tonumber(take())
 local open = redis.call('HINCRBY', KEYS[1], 'o', delta)
 if timeout > 0 then
@@ -170,7 +193,14 @@ end
 return 'ok'
 """
 
-_S, _A, _D, _H, _C, _LOCK = 1, 2, 3, 4, 5, 6
+_RESOLVE = """
+if redis.call('LPOS', KEYS[1], ARGV[1]) then return 'applied' end
+redis.call('LPUSH', KEYS[1], '!' .. ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, 199)
+return 'absent'
+"""
+
+_S, _A, _D, _H, _C, _LOCK, _Y, _YL, _T = 1, 2, 3, 4, 5, 6, 7, 8, 9
 
 
 class _ConfigChanged(Exception):
@@ -194,6 +224,7 @@ class RedisEngine:
         self.where = where
         self._read = client.register_script(_READ)
         self._commit = client.register_script(_COMMIT)
+        self._resolve = client.register_script(_RESOLVE)
 
     # -- keys -------------------------------------------------------------------
 
@@ -209,7 +240,7 @@ class RedisEngine:
 
     def fixed_keys(self) -> list[str]:
         return [self.key("s"), self.key("a"), self.key("d"), self.key("h"), self.key("c"),
-                "lock:" + self.lock_name]
+                "lock:" + self.lock_name, self.key("y"), self.key("yl"), self.key("t")]
 
     # -- errors -----------------------------------------------------------------
 
@@ -244,6 +275,8 @@ class RedisEngine:
         names = sorted(want.instances)
         args += [len(names), *names, "1" if want.open else "0", "1" if want.everything else "0",
                  "1" if want.session else "0"]
+        idempotency = sorted(want.idempotency)
+        args += [len(idempotency), *idempotency]
         keys = [self.key("s"), self.key("a"), self.key("d")]
         for _attempt in range(10):
             reply = self.call(self._read, keys, args)
@@ -261,7 +294,12 @@ class RedisEngine:
         else:
             raise records.corrupt(self.uid, self.prefix + "c",
                                   f"the configuration is not version {_text(version)}")
-        _status, fields_read, values, waiting, found, active, done, everything = reply
+        _status, fields_read, values, waiting, found, active, done, everything, remembered = reply
+        for index in range(0, len(remembered), 2):
+            key, raw = _text(remembered[index]), remembered[index + 1]
+            step.observed.setdefault("checks", {}).setdefault((self.key("y"), key),
+                                                               records.digest(raw))
+            step.loaded_idempotency(key, self.decode(raw, "y") if raw is not None else None)
         observed: dict[tuple[str, str], str] = step.observed.setdefault("checks", {})
         session_values: dict[str, Any] = {}
         for field, raw in zip(fields_read, values, strict=True):
@@ -365,7 +403,7 @@ class RedisEngine:
             return index[key]
 
         checks: dict[tuple[str, str], str] = step.observed.get("checks", {})
-        args: list[Any] = [step.observed.get("lock_owner") or "", len(checks)]
+        args: list[Any] = [step.observed.get("lock_owner") or "", step.token, len(checks)]
         for (key, field), digest in checks.items():
             args += [key_index(key), field, digest]
         writes: list[Any] = []
@@ -404,23 +442,60 @@ class RedisEngine:
                     bumps["av"] = 1
         for field in bumps:
             writes += ["I", _S, field, 1]
+        for key_name, names in step.new_idempotency.items():
+            writes += ["S", _Y, key_name, records.dumps(names)]
         for task in config.tasks:
             key_index(self.waiting_key(task))
         args += [_count_ops(writes), *writes]
         events = step.history()
         limit = history_limit()
         args += [len(events), limit, *[records.dumps(event) for event in events]]
+        args += [len(step.new_idempotency), idempotency_limit(), *step.new_idempotency]
         args += [step.open_delta(), self.timeout or 0]
-        outcome = _text(self.call(self._commit, keys, args,
-                                  " The step may or may not have been applied."))
+        outcome = self._commit_or_resolve(keys, args, step.token)
         if outcome == "locked":
             step.observed["locked"] = True
             return False
+        if outcome == "aborted":
+            return False  # not applied: the step runs again
         if outcome.startswith("corrupt:"):
             raise records.corrupt(self.uid, outcome[len("corrupt:"):],
                                   "a key holds a value of another type, or a count is not a "
                                   "number; nothing was written")
         return outcome == "ok"
+
+    def _commit_or_resolve(self, keys: list[str], args: list[Any], token: str) -> str:
+        """Run the commit script; if the outcome is unknown (the connection broke after the
+        script was sent), find out from the step's token whether it was applied.
+
+        The check also fences the token: a commit still in flight is refused afterwards,
+        so "absent" means not applied, ever.
+        """
+        import redis
+
+        try:
+            return _text(self._commit(keys=keys, args=args))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            unknown: BaseException = exc
+        except Exception as exc:  # noqa: BLE001 - any other client error: nothing was applied
+            raise self.failed(exc) from exc
+        deadline = time.monotonic() + max(self.storage.lock_timeout, 1.0)
+        delay = 0.05
+        while True:
+            try:
+                outcome = _text(self._resolve(keys=[self.key("t")], args=[token]))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                unknown = exc
+                if time.monotonic() + delay > deadline:
+                    raise self.failed(
+                        unknown, " The step may or may not have been applied; retry it with an "
+                        "idempotency key to make the retry safe.") from exc
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
+                continue
+            except Exception as exc:  # noqa: BLE001
+                raise self.failed(exc) from exc
+            return "ok" if outcome == "applied" else "aborted"
 
     # -- the rest of the contract ------------------------------------------------
 
