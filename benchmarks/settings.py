@@ -1,11 +1,12 @@
-"""Django settings for the benchmarks: django-redis on a Redis database of their own."""
+"""Django settings for the benchmarks: django-redis on a Redis database of their own (13),
+SQLite in /tmp and a PostgreSQL database of their own (bench_triggers)."""
 
 import os
 
 SECRET_KEY = "triggers-benchmarks"
 USE_TZ = True
 INSTALLED_APPS = ["triggers", "benchmarks"]
-REDIS_URL = os.environ.get("TRIGGERS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+REDIS_URL = os.environ.get("TRIGGERS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
 CACHES = {
     "default": {
         "BACKEND": "django_redis.cache.RedisCache",
@@ -21,7 +22,7 @@ DATABASES = {
     },
     "postgres": {
         "ENGINE": "django.db.backends.postgresql",
-        "NAME": os.environ.get("TRIGGERS_BENCH_PG_NAME", "test"),
+        "NAME": os.environ.get("TRIGGERS_BENCH_PG_NAME", "bench_triggers"),
         "HOST": "127.0.0.1",
         "USER": os.environ.get("TRIGGERS_BENCH_PG_USER", "postgres"),
     },
