@@ -283,3 +283,29 @@ def test_database_sessions_of_release_1_are_migrated(alias, uid):
     manager.fire("b", {"y": 2})
     ThreadingTaskRunner.join_all()
     assert storage["t#0"].status == "finished"
+
+
+def test_delayed_instances_are_read_only_by_unless_triggers(storage, kind):
+    """Instances waiting out a delay are not read by other fires; unless still abandons them."""
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["a"], "andEvery": "page", "delay": 3600,
+                                        "unless": ["stop"], "run": "tests.Echo"}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("triggers.runners.ThreadingTaskRunner.run", lambda self, m, i: None)
+        manager.fire("a")
+        for n in range(3):
+            manager.fire("page", {"n": n})
+        loaded = []
+        original = type(storage).load
+
+        def spy(self, step, want):
+            loaded.append(want)
+            return original(self, step, want)
+
+        patch.setattr(type(storage), "load", spy)
+        manager.fire("page", {"n": 3})
+        if kind != "dict":  # the whole-session adapter reads everything, by definition
+            assert all(not want.delayed for want in loaded)
+        manager.fire("stop")
+    assert {i.name: i.status.value for i in fresh(storage).instances.values()} == {
+        f"t#{n}": "abandoned" for n in range(4)}

@@ -126,7 +126,7 @@ def test_long_delay_outlives_the_cache_timeout(uid):
         patch.setattr("triggers.runners.ThreadingTaskRunner.run", lambda self, m, i: None)
         manager.fire("go")
     assert storage.engine.client.ttl(storage.engine.key("s")) == -1
-    assert storage.engine.client.ttl(storage.engine.key("w:t")) == -1
+    assert storage.engine.client.ttl(storage.engine.key("l:t")) == -1
 
 
 def test_recovery_clears_a_past_start_after(uid):

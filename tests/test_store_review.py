@@ -205,3 +205,26 @@ def test_an_empty_configuration_is_not_missing(uid):
     records._parsed.clear()
     assert make_storage("db_sqlite", uid).tasks == {}
     ThreadingTaskRunner.join_all()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_fires_in_a_lock_block_dispatch_each_instance_once(kind, uid):
+    storage = make_storage(kind, uid)
+    manager = QuietManager(storage)
+    manager.update_configuration({"t": {"after": [], "andEvery": "page", "run": "tests.Echo"}})
+    with storage.acquire_lock():
+        returned = [[i.name for i in manager.fire("page", {"n": n})] for n in range(3)]
+    assert returned == [["t#0"], ["t#1"], ["t#2"]]
+    assert sorted(manager.dispatched) == ["t#0", "t#1", "t#2"]
+
+
+def test_done_records_are_compact_and_read_back_whole(uid, trigger_threading_runner):
+    storage = make_storage("redis", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration(CONFIG)
+    manager.fire("go")
+    ThreadingTaskRunner.join_all()
+    raw = json.loads(storage.engine.client.hget(storage.engine.key("d"), "t_a#0"))
+    assert "modified" not in raw["meta"]
+    assert make_storage("redis", uid)["t_a#0"].metadata["modified"] == \
+        make_storage("redis", uid)["t_a#0"].metadata["finished"]

@@ -27,15 +27,23 @@ class Decoder(json.JSONDecoder):
         super().__init__(*args, **kwargs)
 
 
+_encoder = Encoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_decoder = Decoder()
+_TAG = "__type__"
+
+
 def dumps(value: Any) -> str:
     """Compact JSON text, as stored; TypeError / ValueError for what cannot be stored."""
-    return json.dumps(value, cls=Encoder, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return _encoder.encode(value)
 
 
 def loads(text: str | bytes) -> Any:
     """The value that :func:`dumps` wrote."""
-    return json.loads(text, cls=Decoder)
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8")
+    if _TAG not in text:
+        return json.loads(text)  # no tagged values: the C decoder, without a hook
+    return _decoder.decode(text)
 
 
 def to_plain(value: Any) -> Any:

@@ -478,7 +478,11 @@ class TriggerManager:
         latest kwargs of the other ``after`` triggers and records the ``unless``
         triggers that fired before it.
         """
-        waiting = [instance for instance in step.waiting(config.name) if instance.is_waiting]
+        waiting = step.waiting(config.name)
+        if trigger_name in config.unless_names:
+            # Scheduled instances still waiting out a delay react to unless triggers only.
+            waiting += [instance for instance in step.delayed(config.name)
+                        if instance.is_waiting]
         create = True
         if step.count(config.name):
             create = trigger_name == config.and_every

@@ -45,9 +45,10 @@ class TriggerInstance(models.Model):
     status = models.CharField(max_length=16, choices=STATUS_CHOICES)
     #: Whether the status is finished, abandoned, replayed or skipped.
     resolved = models.BooleanField(default=False)
-    #: Whether it waits for triggers (unstarted, or scheduled with a delay): what a fired
-    #: trigger reads.
+    #: Whether it waits for triggers (unstarted): what a fired trigger reads.
     waiting = models.BooleanField(default=False)
+    #: Whether it is scheduled with a delay (read by the task's ``unless`` triggers only).
+    delayed = models.BooleanField(default=False)
     kwargs = models.JSONField(default=dict, encoder=stored_json.Encoder,
                               decoder=stored_json.Decoder)
     metadata = models.JSONField(default=dict, encoder=stored_json.Encoder,
@@ -71,6 +72,8 @@ class TriggerInstance(models.Model):
             # A fired trigger reads the waiting instances of the tasks that react to it.
             models.Index(fields=["session", "task_name"], condition=models.Q(waiting=True),
                          name="triggers_instance_waiting"),
+            models.Index(fields=["session", "task_name"], condition=models.Q(delayed=True),
+                         name="triggers_instance_delayed"),
             models.Index(fields=["status"], name="triggers_instance_status"),
         ]
 

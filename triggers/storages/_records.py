@@ -8,8 +8,10 @@ A session is stored as records, split by how they are used:
   latest kwargs of each trigger, session metadata;
 * the instances, each its own record, kept in one of three *places*:
   ``w`` — waiting (unstarted, or scheduled with a delay), indexed per task,
-  the only ones a fired trigger reads; ``a`` — active (scheduled, running,
-  failed); ``d`` — done (finished, abandoned, replayed, skipped);
+  the only ones a fired trigger reads; ``l`` — delayed (scheduled with a delay,
+  indexed per task, read only by the task's ``unless`` triggers); ``a`` — active
+  (scheduled, running, failed); ``d`` — done (finished, abandoned, replayed,
+  skipped);
 * the history of the session (bounded, append-only).
 """
 
@@ -35,8 +37,10 @@ from triggers.types import (
 
 __all__ = [
     "PLACE_ACTIVE",
+    "PLACE_DELAYED",
     "PLACE_DONE",
     "PLACE_WAITING",
+    "TASK_PLACES",
     "ParsedConfig",
     "corrupt",
     "decode",
@@ -52,8 +56,11 @@ __all__ = [
 dumps = stored_json.dumps
 
 PLACE_WAITING = "w"
+PLACE_DELAYED = "l"
 PLACE_ACTIVE = "a"
 PLACE_DONE = "d"
+#: Places kept per task.
+TASK_PLACES = (PLACE_WAITING, PLACE_DELAYED)
 
 #: Format of the stored layout (1: one JSON value per session; 2: records).
 FORMAT_VERSION = 2
@@ -62,9 +69,10 @@ FORMAT_VERSION = 2
 def place_of(instance: TaskInstance) -> str:
     """Where an instance's record is kept, from its status."""
     status = instance.status
-    if status == STATUS_UNSTARTED or (status == STATUS_SCHEDULED
-                                      and instance.metadata.get("start_after") is not None):
+    if status == STATUS_UNSTARTED:
         return PLACE_WAITING
+    if status == STATUS_SCHEDULED and instance.metadata.get("start_after") is not None:
+        return PLACE_DELAYED
     return PLACE_DONE if instance.is_resolved else PLACE_ACTIVE
 
 
@@ -99,19 +107,28 @@ def digest(raw: Any) -> str:
 
 
 def instance_to_json(instance: TaskInstance) -> str:
-    return dumps(instance.to_dict())
+    data = instance.to_dict()
+    meta = data.get("meta")
+    if instance.is_resolved and meta and "finished" in meta \
+            and meta.get("modified") == meta["finished"]:
+        # Compact done records: "modified" is "finished" (restored when read).
+        data["meta"] = {key: value for key, value in meta.items() if key != "modified"}
+    return dumps(data)
 
 
 def instance_from_json(name: str, data: Any, tasks: Mapping[str, TaskConfig], uid: str,
                        where: str) -> TaskInstance:
     try:
         config = tasks[data.get("task") or task_name_of(name)]
+        meta = data.get("meta") or {}
+        if "modified" not in meta and "finished" in meta:
+            meta = {**meta, "modified": meta["finished"]}
         return TaskInstance(
             name=name,
             config=config,
             kwargs=data.get("kwargs") or {},
             status=TaskStatus(data["status"]),
-            metadata=data.get("meta") or {},
+            metadata=meta,
             abandon_state=data.get("unless") or (),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -132,12 +149,14 @@ class ParsedConfig:
         self.raw = {name: config.to_dict() for name, config in tasks.items()}
         self.version = version or config_version(self.raw)
         #: Trigger → (names of the tasks that react to it, triggers whose latest kwargs
-        #: those tasks need).
-        index: dict[str, tuple[list[str], list[str]]] = {}
+        #: those tasks need, the tasks whose ``unless`` mentions it).
+        index: dict[str, tuple[list[str], list[str], list[str]]] = {}
         for config in tasks.values():
             for trigger in config.triggers:
-                names, needed = index.setdefault(trigger, ([], []))
+                names, needed, unless = index.setdefault(trigger, ([], [], []))
                 names.append(config.name)
+                if trigger in config.unless_names:
+                    unless.append(config.name)
                 for other in sorted(config.after_names | config.unless_names):
                     if other not in needed:
                         needed.append(other)

@@ -120,14 +120,14 @@ def history_limit() -> int:
 class Want:
     """What a step wants read: the parts of a session a backend loads at once."""
 
-    __slots__ = ("counters", "everything", "idempotency", "instances", "latest", "meta", "open",
-                 "session", "triggers", "waiting")
+    __slots__ = ("counters", "delayed", "everything", "idempotency", "instances", "latest",
+                 "meta", "open", "session", "triggers", "waiting")
 
     def __init__(self, triggers: Iterable[str] = (), instances: Iterable[str] = (),
                  counters: Iterable[str] = (), latest: Iterable[str] = (),
                  waiting: Iterable[str] = (), meta: Iterable[str] = (), open: bool = False,  # noqa: A002
                  everything: bool = False, session: bool = False,
-                 idempotency: Iterable[str] = ()) -> None:
+                 idempotency: Iterable[str] = (), delayed: Iterable[str] = ()) -> None:
         #: Fired triggers: the counters and waiting instances of the tasks that react
         #: to them and the latest kwargs of those tasks' triggers (the index says which).
         self.triggers = set(triggers)
@@ -146,26 +146,29 @@ class Want:
         self.session = session or everything
         #: Idempotency keys whose records are wanted.
         self.idempotency = set(idempotency)
+        #: Tasks whose delayed instances are wanted.
+        self.delayed = set(delayed)
 
     def expand(self, config: records.ParsedConfig) -> Want:
         """The same with ``triggers`` replaced by what the index says they need."""
         want = Want(instances=self.instances, counters=self.counters, latest=self.latest,
                     waiting=self.waiting, meta=self.meta, open=self.open,
                     everything=self.everything, session=self.session,
-                    idempotency=self.idempotency)
+                    idempotency=self.idempotency, delayed=self.delayed)
         for trigger in self.triggers:
             want.latest.add(trigger)
             entry = config.index.get(trigger)
             if entry:
                 want.waiting.update(entry[0])
                 want.latest.update(entry[1])
+                want.delayed.update(entry[2])
         want.counters |= want.waiting
         return want
 
     def __bool__(self) -> bool:
         return bool(self.triggers or self.instances or self.counters or self.latest
                     or self.waiting or self.meta or self.open or self.everything or self.session
-                    or self.idempotency)
+                    or self.idempotency or self.delayed)
 
 
 @runtime_checkable
@@ -220,6 +223,7 @@ class SessionStep:
         self._latest: dict[str, Any] = {}  # trigger -> kwargs, or None if never fired
         self._meta: dict[str, Any] = {}
         self._waiting: dict[str, dict[str, TaskInstance]] = {}
+        self._delayed: dict[str, dict[str, TaskInstance]] = {}
         self._found: dict[str, TaskInstance | None] = {}
         self._places: dict[str, str | None] = {}
         self._was: dict[str, TaskStatus | None] = {}
@@ -273,6 +277,7 @@ class SessionStep:
             session=want.session and not (self._all_latest and self._all_meta
                                           and self._all_counters),
             idempotency={k for k in want.idempotency if k not in self._remembered},
+            delayed={t for t in want.delayed if t not in self._delayed},
         )
 
     def loaded_config(self, config: records.ParsedConfig) -> None:
@@ -297,13 +302,16 @@ class SessionStep:
     def loaded_idempotency(self, key: str, names: list[str] | None) -> None:
         self._remembered.setdefault(key, names)
 
-    def loaded_waiting(self, task: str, instances: Iterable[TaskInstance]) -> None:
-        if task in self._waiting:
+    def loaded_waiting(self, task: str, instances: Iterable[TaskInstance],
+                       place: str = records.PLACE_WAITING) -> None:
+        """The instances of one task kept in a per-task place (waiting, or delayed)."""
+        where = self._waiting if place == records.PLACE_WAITING else self._delayed
+        if task in where:
             return
         found = {}
         for instance in instances:
-            found[instance.name] = self._remember(instance, records.PLACE_WAITING)
-        self._waiting[task] = found
+            found[instance.name] = self._remember(instance, place)
+        where[task] = found
 
     def loaded_instance(self, name: str, instance: TaskInstance | None,
                         place: str | None) -> None:
@@ -392,13 +400,23 @@ class SessionStep:
         return merged
 
     def waiting(self, task_name: str) -> list[TaskInstance]:
-        """The task's waiting instances (unstarted, or scheduled with a delay), by number."""
+        """The task's unstarted instances, by number."""
         if task_name not in self._waiting:
             self.need(Want(waiting=[task_name]))
-        found = dict(self._waiting.get(task_name, {}))
+        return self._per_task(self._waiting, task_name, records.PLACE_WAITING)
+
+    def delayed(self, task_name: str) -> list[TaskInstance]:
+        """The task's scheduled instances that have a delay (``start_after``), by number."""
+        if task_name not in self._delayed:
+            self.need(Want(delayed=[task_name]))
+        return self._per_task(self._delayed, task_name, records.PLACE_DELAYED)
+
+    def _per_task(self, where: dict[str, dict[str, TaskInstance]], task_name: str,
+                  place: str) -> list[TaskInstance]:
+        found = dict(where.get(task_name, {}))
         for name, instance in self._dirty.items():
             if instance.task_name == task_name:
-                if records.place_of(instance) == records.PLACE_WAITING:
+                if records.place_of(instance) == place:
                     found[name] = instance
                 else:
                     found.pop(name, None)
@@ -582,7 +600,7 @@ class SessionStep:
          places, was, self._notes, self._events, self.fired, self._idem_new) = checkpoint
         self._remembered = {}
         self._counters, self._latest, self._meta = {}, {}, {}
-        self._waiting, self._open = {}, None
+        self._waiting, self._delayed, self._open = {}, {}, None
         self._all_latest = self._all_meta = False
         # What was read is read again, but where each changed instance was stored (and
         # its status then) is kept: its record moves from there when the block commits.
@@ -755,12 +773,18 @@ class BaseTriggerStorage:
         """
         held = self._held_here()
         if held is not None:
-            checkpoint = held.step.checkpoint()
+            step = held.step
+            checkpoint = step.checkpoint()
+            # Each nested call reports only what it fired itself (its caller dispatches that).
+            earlier, step.fired = step.fired, []
             try:
-                return step_function(held.step)
+                result = step_function(step)
             except BaseException:
-                held.step.restore(checkpoint)
+                step.restore(checkpoint)
+                step.fired = earlier
                 raise
+            step.fired = earlier + step.fired
+            return result
         if not self.optimistic:
             with self.exclusive():
                 step = self._new_step(want)
@@ -957,14 +981,17 @@ class BaseTriggerStorage:
         for key, value in meta.items():
             step.loaded_meta(key, value)
         step.loaded_meta("", None, complete=True)
-        by_task: dict[str, list[TaskInstance]] = {task: [] for task in step.tasks}
+        by_place: dict[str, dict[str, list[TaskInstance]]] = {
+            place: {task: [] for task in step.tasks} for place in records.TASK_PLACES}
         for instance in self._instances.values():
             copy_ = _clone(instance)
-            if records.place_of(copy_) == records.PLACE_WAITING:
-                by_task.setdefault(copy_.task_name, []).append(copy_)
-            step.loaded_instance(copy_.name, copy_, records.place_of(copy_))
-        for task, instances in by_task.items():
-            step.loaded_waiting(task, instances)
+            place = records.place_of(copy_)
+            if place in by_place:
+                by_place[place].setdefault(copy_.task_name, []).append(copy_)
+            step.loaded_instance(copy_.name, copy_, place)
+        for place, by_task in by_place.items():
+            for task, instances in by_task.items():
+                step.loaded_waiting(task, instances, place)
         step.loaded_open(i for i in self._instances.values() if not i.is_resolved)
         for name in want.instances:
             step.loaded_instance(name, None, None)
@@ -1320,8 +1347,9 @@ class RecordStorage(BaseTriggerStorage):
     def _read_config(self) -> Any:
         raise NotImplementedError
 
-    def _read_waiting(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, Any]]]:
-        """Raw records of the waiting instances of each task."""
+    def _read_waiting(self, tasks: Iterable[str], place: str = records.PLACE_WAITING
+                      ) -> dict[str, list[tuple[str, Any]]]:
+        """Raw records of the instances of each task kept in a per-task place."""
         raise NotImplementedError
 
     def _read_instances(self, names: Iterable[str]) -> dict[str, tuple[Any, str]]:
@@ -1387,9 +1415,12 @@ class RecordStorage(BaseTriggerStorage):
             step.loaded_latest(trigger, session.latest.get(trigger))
         for key in want.meta:
             step.loaded_meta(key, session.meta.get(key))
-        if want.waiting:
-            for task, found in self._read_waiting(sorted(want.waiting)).items():
-                step.loaded_waiting(task, [self._instance(n, raw, config) for n, raw in found])
+        for place, tasks in ((records.PLACE_WAITING, want.waiting),
+                             (records.PLACE_DELAYED, want.delayed)):
+            if tasks:
+                for task, found in self._read_waiting(sorted(tasks), place).items():
+                    step.loaded_waiting(task, [self._instance(n, raw, config) for n, raw in found],
+                                        place)
         if want.instances:
             found_by_name = self._read_instances(sorted(want.instances))
             for name in want.instances:
@@ -1407,10 +1438,10 @@ class RecordStorage(BaseTriggerStorage):
             for instance, (_name, _raw, place) in zip(instances, rows, strict=True):
                 step.loaded_instance(instance.name, instance, place)
             step.loaded_open(i for i in instances if not i.is_resolved)
-            if want.everything:
-                for task in config.tasks:
+            for task in config.tasks:
+                for place in records.TASK_PLACES:
                     step.loaded_waiting(task, [i for i in instances if i.task_name == task
-                                               and records.place_of(i) == records.PLACE_WAITING])
+                                               and records.place_of(i) == place], place)
 
     def commit(self, step: SessionStep) -> bool:
         session = self._session_of(step) or SessionRecord()

@@ -155,7 +155,8 @@ class CacheStorageBackend(RecordStorage):
         keys = ["s", "c", "a", "h"]
         if session is not None:
             config = self._config_of(session)
-            keys += ["w:" + task for task in config.tasks]
+            keys += [self._task_key(place, task) for task in config.tasks
+                     for place in records.TASK_PLACES]
             keys += [f"d:{task}#{n}" for task, count in session.counters.items()
                      for n in range(count)]
         self.cache.delete_many([self._prefix + key for key in keys])
@@ -219,25 +220,36 @@ class CacheStorageBackend(RecordStorage):
         return records.cached_config(session.version) or records.parse_config(
             self._read_config(), self.uid, self._where(), session.version)
 
-    def _read_waiting(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, Any]]]:
+    @staticmethod
+    def _task_key(place: str, task: str) -> str:
+        return f"{place}:{task}"
+
+    def _read_waiting(self, tasks: Iterable[str], place: str = records.PLACE_WAITING
+                      ) -> dict[str, list[tuple[str, Any]]]:
         tasks = list(tasks)
-        found = self._get(["w:" + task for task in tasks])
-        return {task: list((found.get("w:" + task) or {}).items()) for task in tasks}
+        found = self._get([self._task_key(place, task) for task in tasks])
+        return {task: list((found.get(self._task_key(place, task)) or {}).items())
+                for task in tasks}
 
     def _read_instances(self, names: Iterable[str]) -> dict[str, tuple[Any, str]]:
         names = list(names)
-        keys = {"a"} | {"w:" + name.rsplit("#", 1)[0] for name in names}
+        keys = {"a"} | {self._task_key(place, name.rsplit("#", 1)[0])
+                        for name in names for place in records.TASK_PLACES}
         keys |= {"d:" + name for name in names}
         values = self._get(sorted(keys))
         found: dict[str, tuple[Any, str]] = {}
         for name in names:
-            waiting = values.get("w:" + name.rsplit("#", 1)[0]) or {}
-            if name in waiting:
-                found[name] = (waiting[name], records.PLACE_WAITING)
-            elif name in (values.get("a") or {}):
-                found[name] = (values["a"][name], records.PLACE_ACTIVE)
-            elif "d:" + name in values:
-                found[name] = (values["d:" + name], records.PLACE_DONE)
+            task = name.rsplit("#", 1)[0]
+            for place in records.TASK_PLACES:
+                per_task = values.get(self._task_key(place, task)) or {}
+                if name in per_task:
+                    found[name] = (per_task[name], place)
+                    break
+            else:
+                if name in (values.get("a") or {}):
+                    found[name] = (values["a"][name], records.PLACE_ACTIVE)
+                elif "d:" + name in values:
+                    found[name] = (values["d:" + name], records.PLACE_DONE)
         return found
 
     def _read_open(self, everything: bool) -> list[tuple[str, Any, str]]:
@@ -245,13 +257,14 @@ class CacheStorageBackend(RecordStorage):
         if session is None:
             return []
         config = self._config_of(session)
-        keys = ["a"] + ["w:" + task for task in config.tasks]
+        keys = ["a"] + [self._task_key(place, task) for task in config.tasks
+                        for place in records.TASK_PLACES]
         if everything:
             keys += [f"d:{task}#{n}" for task, count in session.counters.items()
                      for n in range(count)]
         values = self._get(keys)
-        rows = [(name, raw, records.PLACE_WAITING) for task in config.tasks
-                for name, raw in (values.get("w:" + task) or {}).items()]
+        rows = [(name, raw, place) for task in config.tasks for place in records.TASK_PLACES
+                for name, raw in (values.get(self._task_key(place, task)) or {}).items()]
         rows += [(name, raw, records.PLACE_ACTIVE) for name, raw in (values.get("a") or {}).items()]
         rows += [(key[2:], raw, records.PLACE_DONE) for key, raw in values.items()
                  if key.startswith("d:")]
@@ -265,30 +278,31 @@ class CacheStorageBackend(RecordStorage):
                events: list[dict[str, Any]]) -> None:
         config = step.new_config or step.config
         assert config is not None
-        changed_tasks = {instance.task_name for instance, before, after in step.moves()
-                         if records.PLACE_WAITING in (before, after)}
-        active_changed = any(records.PLACE_ACTIVE in (before, after)
-                             for _i, before, after in step.moves())
-        current = self._get(["w:" + task for task in changed_tasks]
-                            + (["a"] if active_changed else []) + (["h"] if events else []))
+        def container(place: str, task: str) -> str | None:
+            if place in records.TASK_PLACES:
+                return self._task_key(place, task)
+            return "a" if place == records.PLACE_ACTIVE else None
+
+        touched = {container(place, instance.task_name)
+                   for instance, before, after in step.moves() for place in (before, after)
+                   if place is not None}
+        touched.discard(None)
+        current = self._get(sorted(k for k in touched if k) + (["h"] if events else []))
         values: dict[str, Any] = {}
         deletes: list[str] = []
         for instance, before, after in step.moves():
             name, task = instance.name, instance.task_name
             for place in (before, after):
-                if place == records.PLACE_WAITING:
-                    current.setdefault("w:" + task, {}).pop(name, None)
-                elif place == records.PLACE_ACTIVE:
-                    current.setdefault("a", {}).pop(name, None)
+                key = container(place, task) if place is not None else None
+                if key is not None:
+                    current.setdefault(key, {}).pop(name, None)
                 elif place == records.PLACE_DONE and place != after:
                     deletes.append("d:" + name)
-            data = instance.to_dict()
-            if after == records.PLACE_WAITING:
-                current.setdefault("w:" + task, {})[name] = data
-            elif after == records.PLACE_ACTIVE:
-                current.setdefault("a", {})[name] = data
+            key = container(after, task)
+            if key is not None:
+                current.setdefault(key, {})[name] = instance.to_dict()
             else:
-                values["d:" + name] = data
+                values["d:" + name] = instance.to_dict()
         limit = history_limit()
         if events and limit:
             current["h"] = (list(current.get("h") or []) + events)[-limit:]
@@ -339,7 +353,7 @@ class CacheStorageBackend(RecordStorage):
 
 def _all_keys_of(prefix: str, session: SessionRecord, config: records.ParsedConfig) -> list[str]:
     keys = [prefix + suffix for suffix in ("s", "c", "a", "h", "yl")]
-    keys += [f"{prefix}w:{task}" for task in config.tasks]
+    keys += [f"{prefix}{place}:{task}" for task in config.tasks for place in records.TASK_PLACES]
     keys += [f"{prefix}d:{task}#{n}" for task, count in session.counters.items()
              for n in range(count)]
     return keys

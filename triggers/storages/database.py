@@ -225,16 +225,18 @@ class DatabaseStorageBackend(RecordStorage):
             rows = list(self._models()[1].objects.using(self.using)
                         .filter(session_id=self.uid, **filters).order_by()
                         .values_list("name", "status", "kwargs", "metadata", "unless",
-                                     "waiting", "resolved"))
+                                     "waiting", "delayed", "resolved"))
         return [(name, {"status": status, "kwargs": kwargs, "meta": meta, "unless": unless},
-                 records.PLACE_WAITING if waiting else records.PLACE_DONE if resolved
-                 else records.PLACE_ACTIVE)
-                for name, status, kwargs, meta, unless, waiting, resolved in rows]
+                 records.PLACE_WAITING if waiting else records.PLACE_DELAYED if delayed
+                 else records.PLACE_DONE if resolved else records.PLACE_ACTIVE)
+                for name, status, kwargs, meta, unless, waiting, delayed, resolved in rows]
 
-    def _read_waiting(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, Any]]]:
+    def _read_waiting(self, tasks: Iterable[str], place: str = records.PLACE_WAITING
+                      ) -> dict[str, list[tuple[str, Any]]]:
         tasks = list(tasks)
         found: dict[str, list[tuple[str, Any]]] = {task: [] for task in tasks}
-        for name, raw, _place in self._rows(waiting=True, task_name__in=tasks):
+        flag = {"waiting": True} if place == records.PLACE_WAITING else {"delayed": True}
+        for name, raw, _place in self._rows(task_name__in=tasks, **flag):
             found[name.rsplit("#", 1)[0]].append((name, raw))
         return found
 
@@ -264,7 +266,8 @@ class DatabaseStorageBackend(RecordStorage):
                 instance_model(
                     session_id=self.uid, name=instance.name, task_name=instance.task_name,
                     number=instance.number, status=instance.status.value,
-                    waiting=place == records.PLACE_WAITING, resolved=instance.is_resolved,
+                    waiting=place == records.PLACE_WAITING,
+                    delayed=place == records.PLACE_DELAYED, resolved=instance.is_resolved,
                     kwargs=instance.kwargs, metadata=instance.metadata,
                     unless=sorted(instance.abandon_state),
                 )
@@ -272,8 +275,8 @@ class DatabaseStorageBackend(RecordStorage):
             ]
             instance_model.objects.using(self.using).bulk_create(
                 rows, update_conflicts=True, unique_fields=["session", "name"],
-                update_fields=["status", "waiting", "resolved", "kwargs", "metadata", "unless",
-                               "modified"],
+                update_fields=["status", "waiting", "delayed", "resolved", "kwargs", "metadata",
+                               "unless", "modified"],
             )
         if step.new_idempotency:
             from triggers.models import TriggerIdempotencyKey

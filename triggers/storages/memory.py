@@ -26,12 +26,14 @@ __all__ = ["MemoryStorageBackend"]
 
 
 class _Session:
-    __slots__ = ("active", "config", "done", "history", "idempotency", "session", "waiting")
+    __slots__ = ("active", "config", "delayed", "done", "history", "idempotency", "session",
+                 "waiting")
 
     def __init__(self) -> None:
         self.session = ""
         self.config = ""
         self.waiting: dict[str, dict[str, str]] = {}
+        self.delayed: dict[str, dict[str, str]] = {}
         self.active: dict[str, str] = {}
         self.done: dict[str, str] = {}
         self.history: list[str] = []
@@ -72,10 +74,11 @@ class MemoryStorageBackend(RecordStorage):
         data = self._data()
         return records.decode(data.config, self.uid, "memory") if data and data.config else None
 
-    def _read_waiting(self, tasks: Iterable[str]) -> dict[str, list[tuple[str, Any]]]:
+    def _read_waiting(self, tasks: Iterable[str], place: str = records.PLACE_WAITING
+                      ) -> dict[str, list[tuple[str, Any]]]:
         data = self._data()
-        return {task: list((data.waiting.get(task) or {}).items()) if data else []
-                for task in tasks}
+        where = (data.waiting if place == records.PLACE_WAITING else data.delayed) if data else {}
+        return {task: list((where.get(task) or {}).items()) for task in tasks}
 
     def _read_instances(self, names: Iterable[str]) -> dict[str, tuple[Any, str]]:
         data = self._data()
@@ -83,8 +86,9 @@ class MemoryStorageBackend(RecordStorage):
         if data is None:
             return found
         for name in names:
-            waiting = data.waiting.get(name.rsplit("#", 1)[0]) or {}
-            for place, where in ((records.PLACE_WAITING, waiting),
+            task = name.rsplit("#", 1)[0]
+            for place, where in ((records.PLACE_WAITING, data.waiting.get(task) or {}),
+                                 (records.PLACE_DELAYED, data.delayed.get(task) or {}),
                                  (records.PLACE_ACTIVE, data.active),
                                  (records.PLACE_DONE, data.done)):
                 if name in where:
@@ -96,8 +100,10 @@ class MemoryStorageBackend(RecordStorage):
         data = self._data()
         if data is None:
             return []
-        rows = [(name, raw, records.PLACE_WAITING) for waiting in data.waiting.values()
-                for name, raw in waiting.items()]
+        rows = [(name, raw, place)
+                for place, per_task in ((records.PLACE_WAITING, data.waiting),
+                                        (records.PLACE_DELAYED, data.delayed))
+                for instances in per_task.values() for name, raw in instances.items()]
         rows += [(name, raw, records.PLACE_ACTIVE) for name, raw in data.active.items()]
         if everything:
             rows += [(name, raw, records.PLACE_DONE) for name, raw in data.done.items()]
@@ -122,16 +128,17 @@ class MemoryStorageBackend(RecordStorage):
         data = self._data() or _Session()
         if config is not None:
             data.config = config
-        places = {records.PLACE_ACTIVE: data.active, records.PLACE_DONE: data.done}
+        def where(place: str, task: str) -> dict[str, str]:
+            if place == records.PLACE_WAITING:
+                return data.waiting.setdefault(task, {})
+            if place == records.PLACE_DELAYED:
+                return data.delayed.setdefault(task, {})
+            return data.active if place == records.PLACE_ACTIVE else data.done
+
         for instance, before, after, text in moves:
-            task = instance.task_name
             if before is not None and before != after:
-                where = data.waiting.get(task, {}) if before == records.PLACE_WAITING \
-                    else places[before]
-                where.pop(instance.name, None)
-            target = data.waiting.setdefault(task, {}) if after == records.PLACE_WAITING \
-                else places[after]
-            target[instance.name] = text
+                where(before, instance.task_name).pop(instance.name, None)
+            where(after, instance.task_name)[instance.name] = text
         limit = history_limit()
         if limit:
             data.history = (data.history + encoded_events)[-limit:]

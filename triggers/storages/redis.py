@@ -7,7 +7,8 @@ lives on one Redis Cluster shard (sessions spread over the shards)::
                            n:<task> (counters), k:<trigger> (latest kwargs),
                            m:<key> (metadata), wv:<task> / av (versions), o (open instances)
     <prefix>{<uid>}:c      the configuration (JSON)
-    <prefix>{<uid>}:w:<task>  hash: the task's waiting instances (unstarted, or delayed)
+    <prefix>{<uid>}:w:<task>  hash: the task's waiting instances (unstarted)
+    <prefix>{<uid>}:l:<task>  hash: the task's delayed instances (read by its unless triggers)
     <prefix>{<uid>}:a      hash: active instances (scheduled, running, failed)
     <prefix>{<uid>}:d      hash: done instances (finished, abandoned, replayed, skipped)
     <prefix>{<uid>}:h      list: the history (bounded)
@@ -53,10 +54,13 @@ local s, a, d = KEYS[1], KEYS[2], KEYS[3]
 local P = ARGV[1]
 local i = 2
 local function take() local v = ARGV[i]; i = i + 1; return v end
-local fields, seen, tasks, tseen = {'v'}, {v = true}, {}, {}
+local fields, seen, tasks, tseen, late, lseen = {'v'}, {v = true}, {}, {}, {}, {}
 local function field(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
 local function task(t)
   if not tseen[t] then tseen[t] = true; tasks[#tasks + 1] = t; field('n:' .. t); field('wv:' .. t) end
+end
+local function delayed(t)
+  if not lseen[t] then lseen[t] = true; late[#late + 1] = t; field('lv:' .. t) end
 end
 if redis.call('HEXISTS', s, 'v') == 0 and redis.call('EXISTS', P .. 'state') == 1 then
   return {'old'}
@@ -70,10 +74,13 @@ for _ = 1, n do
     local e = cjson.decode(ix)
     for _, x in ipairs(e[1]) do task(x) end
     for _, x in ipairs(e[2]) do field('k:' .. x) end
+    for _, x in ipairs(e[3] or {}) do delayed(x) end
   end
 end
 n = tonumber(take())
 for _ = 1, n do task(take()) end
+n = tonumber(take())
+for _ = 1, n do delayed(take()) end
 n = tonumber(take())
 for _ = 1, n do field(take()) end
 local names = {}
@@ -91,7 +98,7 @@ for _ = 1, n do
 end
 if open or all then
   local listed = redis.call('HGET', s, 'tasks')
-  if listed then for _, x in ipairs(cjson.decode(listed)) do task(x) end end
+  if listed then for _, x in ipairs(cjson.decode(listed)) do task(x); delayed(x) end end
   field('av')
 end
 local values = redis.call('HMGET', s, unpack(fields))
@@ -100,11 +107,17 @@ for _, t in ipairs(tasks) do
   waiting[#waiting + 1] = t
   waiting[#waiting + 1] = redis.call('HGETALL', P .. 'w:' .. t)
 end
+local later = {}
+for _, t in ipairs(late) do
+  later[#later + 1] = t
+  later[#later + 1] = redis.call('HGETALL', P .. 'l:' .. t)
+end
 local found = {}
 for _, name in ipairs(names) do
   local t = string.match(name, '^(.*)#[^#]*$') or name
   found[#found + 1] = name
   found[#found + 1] = redis.call('HGET', P .. 'w:' .. t, name)
+  found[#found + 1] = redis.call('HGET', P .. 'l:' .. t, name)
   found[#found + 1] = redis.call('HGET', a, name)
   found[#found + 1] = redis.call('HGET', d, name)
 end
@@ -112,7 +125,7 @@ local active, done, everything = {}, {}, {}
 if open or all then active = redis.call('HGETALL', a) end
 if all then done = redis.call('HGETALL', d) end
 if all or fields_only then everything = redis.call('HGETALL', s) end
-return {'ok', fields, values, waiting, found, active, done, everything, idempotency}
+return {'ok', fields, values, waiting, found, active, done, everything, idempotency, later}
 """
 
 _COMMIT = """
@@ -234,6 +247,9 @@ class RedisEngine:
     def waiting_key(self, task: str) -> str:
         return self.prefix + "w:" + task
 
+    def delayed_key(self, task: str) -> str:
+        return self.prefix + "l:" + task
+
     @property
     def lock_name(self) -> str:
         return self.prefix + "lock"
@@ -270,6 +286,8 @@ class RedisEngine:
         args: list[Any] = [self.prefix, len(want.triggers), *sorted(want.triggers)]
         tasks = sorted(want.waiting | want.counters)
         args += [len(tasks), *tasks]
+        late = sorted(want.delayed)
+        args += [len(late), *late]
         fields = sorted({"k:" + t for t in want.latest} | {"m:" + k for k in want.meta})
         args += [len(fields), *fields]
         names = sorted(want.instances)
@@ -294,7 +312,8 @@ class RedisEngine:
         else:
             raise records.corrupt(self.uid, self.prefix + "c",
                                   f"the configuration is not version {_text(version)}")
-        _status, fields_read, values, waiting, found, active, done, everything, remembered = reply
+        (_status, fields_read, values, waiting, found, active, done, everything, remembered,
+         later) = reply
         for index in range(0, len(remembered), 2):
             key, raw = _text(remembered[index]), remembered[index + 1]
             step.observed.setdefault("checks", {}).setdefault((self.key("y"), key),
@@ -314,20 +333,22 @@ class RedisEngine:
             for task in config.tasks:
                 step.loaded_counter(task, 0)
             step.loaded_counter("", 0, complete=True)
-        listed = records.flatten(waiting)
-        for task, entries in listed.items():
-            task_name = _text(task)
-            step.loaded_waiting(task_name, [
-                self.instance(_text(n), raw, config) for n, raw in
-                records.flatten(entries).items()])
-        for index in range(0, len(found), 4):
+        for per_task, kept in ((waiting, records.PLACE_WAITING),
+                               (later, records.PLACE_DELAYED)):
+            for task, entries in records.flatten(per_task).items():
+                step.loaded_waiting(_text(task), [
+                    self.instance(_text(n), raw, config) for n, raw in
+                    records.flatten(entries).items()], kept)
+        for index in range(0, len(found), 5):
             name = _text(found[index])
-            wkey = self.waiting_key(name.rsplit("#", 1)[0])
+            task_of = name.rsplit("#", 1)[0]
             instance: TaskInstance | None = None
             place: str | None = None
-            for raw, key, where in ((found[index + 1], wkey, records.PLACE_WAITING),
-                                    (found[index + 2], self.key("a"), records.PLACE_ACTIVE),
-                                    (found[index + 3], self.key("d"), records.PLACE_DONE)):
+            for raw, key, where in (
+                    (found[index + 1], self.waiting_key(task_of), records.PLACE_WAITING),
+                    (found[index + 2], self.delayed_key(task_of), records.PLACE_DELAYED),
+                    (found[index + 3], self.key("a"), records.PLACE_ACTIVE),
+                    (found[index + 4], self.key("d"), records.PLACE_DONE)):
                 observed.setdefault((key, name), records.digest(raw))
                 if raw is not None and instance is None:
                     instance, place = self.instance(name, raw, config), where
@@ -337,7 +358,8 @@ class RedisEngine:
                      for n, raw in records.flatten(active).items()]
             for instance in open_:
                 step.loaded_instance(instance.name, instance, records.PLACE_ACTIVE)
-            waiting_now = [i for task in config.tasks for i in step.waiting(task)]
+            waiting_now = [i for task in config.tasks
+                           for i in (*step.waiting(task), *step.delayed(task))]
             step.loaded_open([*waiting_now, *open_])
         if want.everything:
             for name, raw in records.flatten(done).items():
@@ -415,8 +437,8 @@ class RedisEngine:
                        "S", _S, "v", config.version,
                        "S", _S, "tasks", records.dumps(sorted(config.tasks)),
                        "S", _S, "fmt", str(records.FORMAT_VERSION)]
-            for trigger, (names, needed) in config.index.items():
-                writes += ["S", _S, "i:" + trigger, records.dumps([names, needed])]
+            for trigger, entry in config.index.items():
+                writes += ["S", _S, "i:" + trigger, records.dumps(list(entry))]
             for trigger in (old.index if old is not None else {}):
                 if trigger not in config.index:
                     writes += ["D", _S, "i:" + trigger]
@@ -430,6 +452,7 @@ class RedisEngine:
         for instance, before, after in step.moves():
             task = instance.task_name
             places = {records.PLACE_WAITING: self.waiting_key(task),
+                      records.PLACE_DELAYED: self.delayed_key(task),
                       records.PLACE_ACTIVE: self.key("a"), records.PLACE_DONE: self.key("d")}
             if before is not None and before != after:
                 writes += ["D", key_index(places[before]), instance.name]
@@ -438,6 +461,8 @@ class RedisEngine:
             for place in {before, after}:
                 if place == records.PLACE_WAITING:
                     bumps["wv:" + task] = 1
+                elif place == records.PLACE_DELAYED:
+                    bumps["lv:" + task] = 1
                 elif place == records.PLACE_ACTIVE:
                     bumps["av"] = 1
         for field in bumps:
@@ -446,6 +471,7 @@ class RedisEngine:
             writes += ["S", _Y, key_name, records.dumps(names)]
         for task in config.tasks:
             key_index(self.waiting_key(task))
+            key_index(self.delayed_key(task))
         args += [_count_ops(writes), *writes]
         events = step.history()
         limit = history_limit()
@@ -512,6 +538,7 @@ class RedisEngine:
             names = records.decode(tasks, self.uid, "tasks") if tasks else []
             keys = [key for key in self.fixed_keys() if not key.startswith("lock:")]
             keys += [self.waiting_key(task) for task in names]
+            keys += [self.delayed_key(task) for task in names]
             keys += [self.key("state"), self.key("done")]
             for key in keys:  # one by one: DEL of several keys is one command per slot anyway
                 self.client.delete(key)
@@ -596,8 +623,9 @@ class RedisEngine:
         for name, data in (state.get("open") or {}).items():
             instance = records.instance_from_json(name, data, config.tasks, self.uid, "state")
             place = records.place_of(instance)
-            key = self.waiting_key(instance.task_name) if place == records.PLACE_WAITING \
-                else self.key("a")
+            key = {records.PLACE_WAITING: self.waiting_key(instance.task_name),
+                   records.PLACE_DELAYED: self.delayed_key(instance.task_name)}.get(
+                       place, self.key("a"))
             pipe.hset(key, name, records.instance_to_json(instance))
             open_count += 1
         fields["o"] = str(open_count)
