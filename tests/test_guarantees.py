@@ -1,5 +1,6 @@
 """The guarantees under faults: expiry, finalization, outcomes (see docs/guarantees.rst)."""
 
+import json
 import threading
 import time
 
@@ -262,7 +263,8 @@ def test_a_commit_still_in_flight_after_the_check_is_refused(uid):
     manager.fire("page", {"n": 1})
     engine._commit = real
     token = "f" * 16
-    args = list(sent["args"])
-    args[1] = token
+    request = json.loads(sent["args"][0])
+    request[1] = token
+    args = [json.dumps(request)]
     assert engine._resolve(keys=[engine.key("t")], args=[token]) == b"absent"
     assert engine._commit(keys=sent["keys"], args=args) == b"aborted"

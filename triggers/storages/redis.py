@@ -29,6 +29,7 @@ open), never while it has open work.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterator
@@ -51,9 +52,11 @@ __all__ = ["RedisEngine", "RedisStorageBackend"]
 
 _READ = """
 local s, a, d = KEYS[1], KEYS[2], KEYS[3]
-local P = ARGV[1]
+-- The arguments come as one JSON array (cheaper to send than many arguments).
+local A = cjson.decode(ARGV[1])
+local P = A[1]
 local i = 2
-local function take() local v = ARGV[i]; i = i + 1; return v end
+local function take() local v = A[i]; i = i + 1; return v end
 local fields, seen, tasks, tseen, late, lseen = {'v'}, {v = true}, {}, {}, {}, {}
 local function field(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
 local function task(t)
@@ -125,18 +128,21 @@ local active, done, everything = {}, {}, {}
 if open or all then active = redis.call('HGETALL', a) end
 if all then done = redis.call('HGETALL', d) end
 if all or fields_only then everything = redis.call('HGETALL', s) end
-return {'ok', fields, values, waiting, found, active, done, everything, idempotency, later}
+local reply = {'ok', fields, values, waiting, found, active, done, everything, idempotency, later}
+if take() == '1' then return cjson.encode(reply) end  -- one string: cheap to read
+return reply
 """
 
 _COMMIT = """
+local A = cjson.decode(ARGV[1])
 local lock = KEYS[6]
-if redis.call('EXISTS', lock) == 1 and redis.call('GET', lock) ~= ARGV[1] then return 'locked' end
-local token = ARGV[2]
+if redis.call('EXISTS', lock) == 1 and redis.call('GET', lock) ~= A[1] then return 'locked' end
+local token = A[2]
 if redis.call('TYPE', KEYS[9])['ok'] == 'list' and redis.call('LPOS', KEYS[9], '!' .. token) then
   return 'aborted'
 end
 local i = 3
-local function take() local v = ARGV[i]; i = i + 1; return v end
+local function take() local v = A[i]; i = i + 1; return v end
 local n = tonumber(take())
 for _ = 1, n do
   local k, f, e = KEYS[tonumber(take())], take(), take()
@@ -194,13 +200,21 @@ if n > 0 then
 end
 redis.call('LPUSH', KEYS[9], token)
 redis.call('LTRIM', KEYS[9], 0, 199)
-local delta, timeout = tonumber(take()), tonumber(take())
+local delta, timeout, P = tonumber(take()), tonumber(take()), take()
 local open = redis.call('HINCRBY', KEYS[1], 'o', delta)
-if timeout > 0 then
-  if open <= 0 then
-    for j = 1, #KEYS do if j ~= 6 then redis.call('EXPIRE', KEYS[j], timeout) end end
-  elseif open - delta <= 0 then
-    for j = 1, #KEYS do if j ~= 6 then redis.call('PERSIST', KEYS[j]) end end
+if timeout > 0 and (open <= 0 or open - delta <= 0) then
+  -- Every key of the session: the fixed ones and the per-task ones of every task.
+  local all = {}
+  for j = 1, #KEYS do if j ~= 6 then all[#all + 1] = KEYS[j] end end
+  local listed = redis.call('HGET', KEYS[1], 'tasks')
+  if listed then
+    for _, t in ipairs(cjson.decode(listed)) do
+      all[#all + 1] = P .. 'w:' .. t
+      all[#all + 1] = P .. 'l:' .. t
+    end
+  end
+  for _, k in ipairs(all) do
+    if open <= 0 then redis.call('EXPIRE', k, timeout) else redis.call('PERSIST', k) end
   end
 end
 return 'ok'
@@ -297,10 +311,10 @@ class RedisEngine:
         args += [len(idempotency), *idempotency]
         keys = [self.key("s"), self.key("a"), self.key("d")]
         for _attempt in range(10):
-            reply = self.call(self._read, keys, args)
+            reply = self._read_reply(keys, args)
             if _text(reply[0]) == "old":
                 self.upgrade()
-                reply = self.call(self._read, keys, args)
+                reply = self._read_reply(keys, args)
             if step.config is not None:
                 break
             version = reply[2][0]  # the first field read is always "v"
@@ -365,6 +379,19 @@ class RedisEngine:
             for name, raw in records.flatten(done).items():
                 step.loaded_instance(_text(name), self.instance(_text(name), raw, config),
                                      records.PLACE_DONE)
+
+    def _read_reply(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """The read script's reply: as one JSON string (fast), or as Redis replies when a
+        stored value is not UTF-8 text (so that it is reported as corrupt where it is)."""
+        reply = self.call(self._read, keys, [records.dumps([*args, "1"])])
+        if isinstance(reply, list):  # {'old'}
+            return reply
+        try:
+            decoded: list[Any] = json.loads(reply)
+        except ValueError:
+            decoded = self.call(self._read, keys, [records.dumps([*args, "0"])])
+            return decoded
+        return [_nulls(value) for value in decoded]
 
     def _take_session_fields(self, step: SessionStep, values: dict[Any, Any],
                              complete: bool) -> None:
@@ -469,16 +496,13 @@ class RedisEngine:
             writes += ["I", _S, field, 1]
         for key_name, names in step.new_idempotency.items():
             writes += ["S", _Y, key_name, records.dumps(names)]
-        for task in config.tasks:
-            key_index(self.waiting_key(task))
-            key_index(self.delayed_key(task))
         args += [_count_ops(writes), *writes]
         events = step.history()
         limit = history_limit()
         args += [len(events), limit, *[records.dumps(event) for event in events]]
         args += [len(step.new_idempotency), idempotency_limit(), *step.new_idempotency]
-        args += [step.open_delta(), self.timeout or 0]
-        outcome = self._commit_or_resolve(keys, args, step.token)
+        args += [step.open_delta(), self.timeout or 0, self.prefix]
+        outcome = self._commit_or_resolve(keys, [records.dumps(args)], step.token)
         if outcome == "locked":
             step.observed["locked"] = True
             return False
@@ -635,6 +659,17 @@ class RedisEngine:
             pipe.hset(self.key("d"), mapping={_text(k): v for k, v in done.items()})
         for key in (s, self.key("c"), self.key("a"), self.key("d")):
             pipe.persist(key)
+
+
+def _nulls(value: Any) -> Any:
+    """A decoded reply with Lua's false (Redis's nil) as None, and {} (empty) as []."""
+    if value is False:
+        return None
+    if isinstance(value, dict):
+        return []
+    if isinstance(value, list):
+        return [_nulls(item) for item in value]
+    return value
 
 
 def _count_ops(writes: list[Any]) -> int:
