@@ -208,15 +208,16 @@ def cached_config(version: str | None) -> ParsedConfig | None:
 EMPTY_CONFIG = remember_config(ParsedConfig({}))
 
 
-_process: str | None = None
+_process: tuple[int, str] = (0, "")
 
 
 def process_name() -> str:
     """``host:pid`` of this process, as the history records who did what."""
     global _process
-    if _process is None or not _process.endswith(f":{os.getpid()}"):
-        _process = f"{socket.gethostname()}:{os.getpid()}"
-    return _process
+    pid = os.getpid()
+    if _process[0] != pid:
+        _process = (pid, f"{socket.gethostname()}:{pid}")
+    return _process[1]
 
 
 def flatten(pairs: Iterable[Any]) -> dict[Any, Any]:

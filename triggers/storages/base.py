@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import random
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -234,7 +233,7 @@ class SessionStep:
         self._remembered: dict[str, list[str] | None] = {}
         #: A token written with the step's changes: after an unknown outcome the backend
         #: can tell whether they were applied.
-        self.token = secrets.token_hex(8)
+        self.token = f"{random.getrandbits(64):016x}"
         #: What an optimistic backend checks at commit (its own format).
         self.observed: dict[Any, Any] = {}
         # Writes.
@@ -747,9 +746,7 @@ class BaseTriggerStorage:
         The blocks that wrap a ``django.test.TestCase`` do not count: they never
         commit, and a test sees what happens as if they had.
         """
-        from django.conf import settings
-
-        if not settings.configured:
+        if not _django_ready():
             return None
         from django.db import connections
 
@@ -1268,6 +1265,19 @@ class BaseTriggerStorage:
                 f"{', '.join(sorted(step.tasks)) or '(none)'}",
                 session_uid=self.uid, task_name=name,
             ) from None
+
+
+_ready = False
+
+
+def _django_ready() -> bool:
+    """Whether Django settings are configured (remembered once they are)."""
+    global _ready
+    if not _ready:
+        from django.conf import settings
+
+        _ready = settings.configured
+    return _ready
 
 
 def _run_all(callbacks: list[Callable[[], None]]) -> None:

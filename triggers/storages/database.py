@@ -86,6 +86,22 @@ class DatabaseStorageBackend(RecordStorage):
         return TriggerSession, TriggerInstance, TriggerEvent
 
     def _failed(self, exc: Exception, doing: str) -> StorageError:
+        text = str(exc).strip()
+        lowered = text.lower()
+        if ("no such table" in lowered or "no such column" in lowered  # SQLite
+                or (("relation" in lowered or "column" in lowered)
+                    and "does not exist" in lowered)  # PostgreSQL
+                or ("table" in lowered and "doesn't exist" in lowered)  # MySQL, MariaDB
+                or "unknown column" in lowered):
+            # Only the first line: the rest (PostgreSQL's "LINE 1: SELECT …") is noise here.
+            first = text.splitlines()[0] if text else text
+            command = "manage.py migrate" + (
+                f" --database {self.using}" if self.using != "default" else "")
+            return StorageError(
+                f"Database {self.using!r} failed while {doing} session {self.uid!r}: "
+                f"{type(exc).__name__}: {first}. The tables of triggers are missing or out of "
+                f"date: run `{command}`", session_uid=self.uid,
+            )
         return StorageError(
             f"Database {self.using!r} failed while {doing} session {self.uid!r}: "
             f"{type(exc).__name__}: {exc}", session_uid=self.uid,
