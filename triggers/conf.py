@@ -46,6 +46,9 @@ DEFAULTS: dict[str, Any] = {
     "LOCK_TIMEOUT": 60,
     # Seconds an instance must be stuck (scheduled or running) before recovery takes it.
     "RECOVER_AFTER": 300,
+    # Seconds a running instance's lease lasts; a heartbeat renews it every third of that
+    # while _run executes. Only an instance whose lease expired can be taken over.
+    "LEASE": 60,
     # Seconds a run keeps retrying to record its outcome through transient storage errors
     # before it spools the outcome locally (see triggers.run).
     "OUTCOME_RETRY": 60,

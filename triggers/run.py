@@ -37,8 +37,10 @@ import os
 import random
 import secrets
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +70,7 @@ from triggers.types import (
 if TYPE_CHECKING:
     from triggers.manager import TriggerManager
 
-__all__ = ["Run", "flush_spool", "spool_directory"]
+__all__ = ["Run", "flush_spool", "lease_expired", "lease_seconds", "spool_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,26 @@ def _setting(name: str, default: Any) -> Any:
 
         return getattr(triggers_settings, name)
     return default
+
+
+def lease_seconds() -> float:
+    """``TRIGGERS['LEASE']``: seconds a running instance's lease lasts."""
+    return float(_setting("LEASE", 60))
+
+
+def lease_expired(instance: TaskInstance) -> bool:
+    """Whether a running instance has a lease, and it expired (no heartbeat renewed it)."""
+    lease = instance.metadata.get("lease")
+    return lease is not None and float(lease) < time.time()
+
+
+def _close_connections() -> None:
+    from django.conf import settings
+
+    if settings.configured:
+        from django.db import connections
+
+        connections.close_all()
 
 
 def spool_directory() -> Path:
@@ -146,15 +168,27 @@ class Run:
 
     @classmethod
     def start(cls, manager: TriggerManager, name: str) -> Run | None:
-        """``scheduled`` → ``running``, atomically; ``None`` for an instance not scheduled."""
+        """``scheduled`` → ``running``, atomically, with a new run token and a lease.
+
+        ``None`` for an instance that is not scheduled — unless it is ``running``
+        and its lease expired (its worker died): then this run takes it over (the
+        old run can no longer record an outcome).
+        """
         flush_spool()
         storage = manager.storage
+        taken_over: list[str] = []
 
         def start(step: SessionStep) -> tuple[TaskInstance | None, list[Any]]:
             instance = step.instance(name)
-            if instance.status != STATUS_SCHEDULED:
+            taken_over.clear()
+            if instance.status == STATUS_RUNNING and lease_expired(instance):
+                taken_over.append(str(instance.metadata.get("run")))
+                step.note(instance, "recovered")
+            elif instance.status != STATUS_SCHEDULED:
                 return None, []
-            instance.set_status(STATUS_RUNNING, started=now(), run=secrets.token_hex(4),
+            stamp = now()
+            instance.set_status(STATUS_RUNNING, started=stamp, run=secrets.token_hex(4),
+                                lease=round(stamp + lease_seconds(), 3),
                                 attempts=int(instance.metadata.get("attempts", 0)) + 1)
             instance.metadata.pop("dispatch_error", None)
             step.save(instance)
@@ -172,12 +206,65 @@ class Run:
             raise gave_up.cause from None
         if started is None:
             logger.warning(
-                "Ignoring a delivery of %s in session %r: it is not scheduled (a duplicate "
-                "or late message); nothing changed.", name, storage.uid,
+                "Ignoring a delivery of %s in session %r: it is not scheduled, nor running "
+                "with an expired lease (a duplicate or late message); nothing changed.",
+                name, storage.uid,
             )
             return None
+        if taken_over:
+            logger.warning("Taking over %s of session %r: the lease of run %s expired (its "
+                           "worker died?); starting run %s.", name, storage.uid, taken_over[0],
+                           started.metadata.get("run"))
         manager.after_step(fired)
         return cls(manager, started)
+
+    # -- keeping the lease ------------------------------------------------------------
+
+    def heartbeat(self) -> bool:
+        """Renew this run's lease; ``False`` if the run is no longer current."""
+        storage = self.manager.storage
+
+        def renew(step: SessionStep) -> bool:
+            instance = step.instance(self.instance.name)
+            if instance.status != STATUS_RUNNING or instance.metadata.get("run") != self.token:
+                return False
+            instance.metadata["lease"] = round(now() + lease_seconds(), 3)
+            step.save(instance)
+            return True
+
+        try:
+            current: bool = storage.transact(renew, Want(instances=[self.instance.name]))
+        except Exception:  # noqa: BLE001 - the next beat tries again; the lease may lapse
+            logger.warning("Could not renew the lease of %s in session %r", self.instance.name,
+                           storage.uid, exc_info=True)
+            return True
+        if not current:
+            logger.warning("Run %s of %s in session %r is no longer current (recovered "
+                           "meanwhile?); its outcome will be ignored.", self.token,
+                           self.instance.name, storage.uid)
+        return current
+
+    @contextmanager
+    def keep_alive(self) -> Iterator[None]:
+        """Renew the lease every third of ``TRIGGERS['LEASE']`` while the block runs."""
+        stop = threading.Event()
+        interval = max(lease_seconds() / 3, 0.05)
+
+        def beat() -> None:
+            try:
+                while not stop.wait(interval):
+                    self.heartbeat()
+            finally:
+                _close_connections()
+
+        thread = threading.Thread(target=beat, daemon=True,
+                                  name=f"triggers-heartbeat:{self.instance.name}")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     # -- outcomes -------------------------------------------------------------------
 

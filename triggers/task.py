@@ -56,9 +56,10 @@ class TaskContext:
     """What a task's ``_run`` receives."""
 
     def __init__(self, manager: TriggerManager, task_instance: TaskInstance,
-                 trigger_kwargs: dict[str, dict[str, Any]], task: TriggerTask | None = None
-                 ) -> None:
+                 trigger_kwargs: dict[str, dict[str, Any]], task: TriggerTask | None = None,
+                 run: Run | None = None) -> None:
         self.manager = manager
+        self._run = run
         self.task_instance = task_instance
         #: Trigger name → kwargs it was fired with, ``withParams`` merged in.
         self.trigger_kwargs = trigger_kwargs
@@ -68,6 +69,15 @@ class TaskContext:
     @property
     def session_uid(self) -> str:
         return self.manager.storage.uid
+
+    def heartbeat(self) -> bool:
+        """Renew the running instance's lease now (a long loop may call it between items).
+
+        A heartbeat also runs by itself every third of ``TRIGGERS['LEASE']``.
+        Returns ``False`` if this run is no longer current (it was recovered): stop
+        early, its outcome will be ignored.
+        """
+        return self._run.heartbeat() if self._run is not None else True
 
     @property
     def log_level(self) -> int:
@@ -176,9 +186,10 @@ class TriggerTask(Task):  # type: ignore[type-arg]
         depth = int(instance.metadata.get("depth", 0))
         if self.request is not None:
             self.request.retries = depth
-        context = TaskContext(manager, instance, _merged_kwargs(instance), task=self)
+        context = TaskContext(manager, instance, _merged_kwargs(instance), task=self, run=run)
         try:
-            result = self._run(context)
+            with run.keep_alive():
+                result = self._run(context)
             cascade = _result_kwargs(result, instance)
         except RetryInstance as retry:
             run.retry(retry.replacement_kwargs, retry.cooldown, retry.metadata,
