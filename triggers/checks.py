@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 from typing import Any
 
 from django.conf import settings
@@ -35,24 +37,29 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
     if user is not None and not isinstance(user, dict):
         return [checks.Error("TRIGGERS must be a dict.", hint="See the settings documentation.",
                              id="triggers.E001")]
-    unknown = sorted(set(user or {}) - set(DEFAULTS))
+    unknown = sorted(str(key) for key in set(user or {}) - set(DEFAULTS))
     if unknown:
+        named = []
+        for key in unknown:
+            close = difflib.get_close_matches(key.upper(), DEFAULTS, n=1)
+            named.append(f"{key} (did you mean {close[0]}?)" if close else key)
         errors.append(checks.Error(
-            f"Unknown TRIGGERS setting(s): {', '.join(unknown)}.",
+            f"Unknown TRIGGERS setting(s): {', '.join(named)}.",
             hint=f"Known settings: {', '.join(sorted(DEFAULTS))}.", id="triggers.E002"))
 
     s = triggers_settings
-    for setting, registry, value in (("MANAGER", trigger_managers, s.MANAGER),
-                                     ("STORAGE", storage_backends, s.STORAGE),
-                                     ("RUNNER", task_runners, s.RUNNER or DEFAULT_TASK_RUNNER)):
-        if value not in registry:
+    bad = _check_types(s, errors)
+    for setting, registry in (("MANAGER", trigger_managers), ("STORAGE", storage_backends),
+                              ("RUNNER", task_runners)):
+        value = getattr(s, setting) or (DEFAULT_TASK_RUNNER if setting == "RUNNER" else None)
+        if setting not in bad and value not in registry:
             errors.append(checks.Error(
                 f"TRIGGERS['{setting}'] is {value!r}, which is not registered.",
                 hint=f"Registered under {registry.group!r}: {', '.join(_keys(registry))}.",
                 id="triggers.E003"))
     runner = s.RUNNER or DEFAULT_TASK_RUNNER
 
-    if s.STORAGE == "cache":
+    if s.STORAGE == "cache" and "CACHE" not in bad:
         caches = getattr(settings, "CACHES", {})
         backend = caches.get(s.CACHE, {}).get("BACKEND") if isinstance(caches, dict) else None
         if s.CACHE not in caches:
@@ -76,7 +83,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 "locks do not exclude each other.",
                 hint="Use a Redis or Memcached cache, or the database storage.",
                 id="triggers.W002"))
-    elif s.STORAGE == "db":
+    elif s.STORAGE == "db" and "DATABASE" not in bad:
         if s.DATABASE not in settings.DATABASES:
             errors.append(checks.Error(
                 f"TRIGGERS['DATABASE'] is {s.DATABASE!r}, which is not in DATABASES.",
@@ -84,16 +91,65 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 id="triggers.E006"))
         else:
             errors += _check_sqlite_transactions(s.DATABASE)
-    if not isinstance(s.HISTORY_LIMIT, int) or isinstance(s.HISTORY_LIMIT, bool) \
-            or s.HISTORY_LIMIT < 0:
-        errors.append(checks.Error(f"TRIGGERS['HISTORY_LIMIT'] must be a number of events >= 0, "
-                                   f"got {s.HISTORY_LIMIT!r}.", id="triggers.E008"))
-    for setting in ("LOCK_EXPIRE", "LOCK_TIMEOUT", "RECOVER_AFTER"):
+    for setting in ("HISTORY_LIMIT", "IDEMPOTENCY_KEYS"):
         value = getattr(s, setting)
-        if not isinstance(value, (int, float)) or value <= 0:
-            errors.append(checks.Error(f"TRIGGERS['{setting}'] must be a positive number of "
-                                       f"seconds, got {value!r}.", id="triggers.E007"))
+        if not _is_int(value) or value < 0:
+            errors.append(checks.Error(
+                f"TRIGGERS['{setting}'] must be a whole number >= 0, got {value!r}.",
+                hint=f"The default is {DEFAULTS[setting]!r}.", id="triggers.E008"))
+    for setting in ("LOCK_EXPIRE", "LOCK_TIMEOUT", "RECOVER_AFTER", "LEASE", "OUTCOME_RETRY"):
+        if setting not in DEFAULTS:
+            continue
+        value = getattr(s, setting)
+        if not _is_number(value) or not value > 0:
+            errors.append(checks.Error(
+                f"TRIGGERS['{setting}'] must be a positive number of seconds, got {value!r}.",
+                hint=f"The default is {DEFAULTS[setting]!r}.", id="triggers.E007"))
+    if s.TIMEOUT is not None and (not _is_int(s.TIMEOUT) or s.TIMEOUT <= 0):
+        errors.append(checks.Error(
+            f"TRIGGERS['TIMEOUT'] must be a positive whole number of seconds or None, "
+            f"got {s.TIMEOUT!r}.",
+            hint="None keeps sessions forever (on Redis); the default is 3600.",
+            id="triggers.E009"))
     return errors
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: Settings whose value must be of one type: setting → (accepted types, what to say).
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "MANAGER": ((str,), "a registry key (a string)"),
+    "STORAGE": ((str,), "a registry key (a string)"),
+    "RUNNER": ((str, type(None)), "a registry key (a string) or None"),
+    "STORAGE_OPTIONS": ((dict,), "a dict of keyword arguments"),
+    "CACHE": ((str,), "a cache alias (a string)"),
+    "DATABASE": ((str,), "a database alias (a string)"),
+    "ALLOW_UNKNOWN_TASKS": ((bool,), "True or False"),
+    "OUTCOME_SPOOL": ((str, os.PathLike, type(None)), "a directory (a string) or None"),
+}
+
+
+def _check_types(s: Any, errors: list[checks.CheckMessage]) -> set[str]:
+    """triggers.E010 for each setting of the wrong type; returns their names."""
+    bad: set[str] = set()
+    for setting, (types, expected) in _TYPES.items():
+        value = getattr(s, setting)
+        wrong = not isinstance(value, types) or (isinstance(value, str) and not value.strip())
+        if not wrong and setting == "STORAGE_OPTIONS":
+            wrong = not all(isinstance(key, str) for key in value)
+            expected += " with string keys"
+        if wrong:
+            bad.add(setting)
+            errors.append(checks.Error(
+                f"TRIGGERS['{setting}'] must be {expected}, got {type(value).__name__} "
+                f"{value!r}.", hint=f"The default is {DEFAULTS[setting]!r}.", id="triggers.E010"))
+    return bad
 
 
 def _check_sqlite_transactions(alias: str) -> list[checks.CheckMessage]:

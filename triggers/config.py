@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Collection, Mapping, Set
 from typing import Any
 
 from triggers import _json as stored_json
@@ -18,6 +18,7 @@ from triggers.types import (
     DIRECTIVE_UNLESS,
     DIRECTIVE_USING,
     DIRECTIVE_WITH_PARAMS,
+    DIRECTIVES,
     INSTANCE_SEPARATOR,
     OUTCOME_DIRECTIVES,
     TaskConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "check_metadata",
     "check_status",
     "json_copy",
+    "near_miss_directive",
     "validate_configuration",
     "validate_trigger_name",
 ]
@@ -38,6 +40,41 @@ __all__ = [
 
 #: What a recovery run does with a task's failed instance (directive ``onRecovery``).
 RECOVERY_POLICIES = ("rerun", "skip")
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, swap two neighbours) that turn ``a`` into ``b``."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, char_b in enumerate(b, 1):
+            current[j] = min(previous[j] + 1, current[j - 1] + 1,
+                             previous[j - 1] + (char_a != char_b))
+            if i > 1 and j > 1 and char_a == b[j - 2] and a[i - 2] == char_b:
+                current[j] = min(current[j], previous2[j - 2] + 1)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def near_miss_directive(key: Any) -> str | None:
+    """The built-in directive that ``key`` probably misspells, or ``None``.
+
+    A key is a near miss when it differs from a directive only in case
+    (``Run``, ``andevery``), or by one or two edits — a letter inserted,
+    deleted, replaced, or two neighbours swapped (``unles``, ``afterr``,
+    ``withParam``); one edit only for the three-letter ``run``. The directives
+    themselves are not near misses.
+    """
+    if not isinstance(key, str) or key in DIRECTIVES:
+        return None
+    folded = key.casefold()
+    best: tuple[int, str] | None = None
+    for directive in DIRECTIVES:
+        distance = _edit_distance(folded, directive.casefold())
+        if distance <= (1 if len(directive) <= 4 else 2) and (best is None or distance < best[0]):
+            best = (distance, directive)
+    return best[1] if best is not None else None
 
 
 def _describe(value: Any) -> str:
@@ -169,14 +206,25 @@ def validate_configuration(
     check_task: Callable[[str], str | None] | None = None,
     session_uid: str | None = None,
     stored: bool = False,
+    custom_directives: Collection[str] | None = None,
 ) -> dict[str, TaskConfig]:
     """Validate a whole configuration and return its :class:`TaskConfig` objects.
 
     Raises :class:`ConfigurationError` listing every problem (task, directive,
     what is wrong) if anything is invalid. ``runner_names`` returns the known
     runner keys (for ``using``; ``None`` skips that check); ``check_task``
-    returns what is wrong with a ``run`` target, or ``None``. ``stored`` skips
-    the checks that stored (already JSON) data cannot fail.
+    returns what is wrong with a ``run`` target, or ``None``.
+
+    A key that is not a built-in directive but a near miss of one
+    (:func:`near_miss_directive`: ``unles``, ``Run`` …) is refused with a
+    "did you mean" problem. Other keys go to :attr:`TaskConfig.extras` for
+    custom managers — all of them when ``custom_directives`` is ``None``, else
+    only those it names (a manager's ``custom_directives``); the keys it names
+    are accepted even when they are near misses.
+
+    ``stored`` is for configurations read back from a store: it skips the
+    checks that stored (already JSON) data cannot fail, and the checks of
+    unknown keys, so that what an earlier release accepted keeps loading.
     """
     problems: list[ConfigurationProblem] = []
 
@@ -200,6 +248,23 @@ def validate_configuration(
             problem(task_name, None, f"expected a mapping of directives, got {_describe(entry)}")
             continue
         before = len(problems)
+        misspelt: set[str] = set()
+        if not stored:
+            for key in entry:
+                if key in DIRECTIVES or (custom_directives is not None
+                                         and key in custom_directives):
+                    continue
+                meant = near_miss_directive(key)
+                if meant is not None:
+                    misspelt.add(meant)
+                    problem(task_name, key if isinstance(key, str) else None,
+                            f"unknown directive {key!r}; did you mean {meant!r}?")
+                elif custom_directives is not None:
+                    own = ", ".join(repr(name) for name in sorted(custom_directives))
+                    problem(task_name, key if isinstance(key, str) else None,
+                            f"unknown directive {key!r}; besides the built-in directives, "
+                            + (f"this manager accepts only {own}" if own else
+                               "this manager accepts none"))
 
         and_every = entry.get(DIRECTIVE_AND_EVERY)
         if DIRECTIVE_AND_EVERY in entry and and_every is not None:
@@ -208,7 +273,8 @@ def validate_configuration(
                 problem(task_name, DIRECTIVE_AND_EVERY, f"expected ONE trigger name; {trouble}")
 
         if DIRECTIVE_AFTER not in entry:
-            problem(task_name, DIRECTIVE_AFTER, "required directive is missing")
+            if DIRECTIVE_AFTER not in misspelt:
+                problem(task_name, DIRECTIVE_AFTER, "required directive is missing")
         else:
             trouble = _trigger_list(entry[DIRECTIVE_AFTER], allow_empty=bool(and_every),
                                     conditions=True)
@@ -216,7 +282,8 @@ def validate_configuration(
                 problem(task_name, DIRECTIVE_AFTER, trouble)
 
         if DIRECTIVE_RUN not in entry:
-            problem(task_name, DIRECTIVE_RUN, "required directive is missing")
+            if DIRECTIVE_RUN not in misspelt:
+                problem(task_name, DIRECTIVE_RUN, "required directive is missing")
         else:
             run = entry[DIRECTIVE_RUN]
             if not isinstance(run, str) or not run.strip():

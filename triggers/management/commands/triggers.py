@@ -1,43 +1,148 @@
-"""``manage.py triggers``: inspect sessions, replay or skip failures, recover stuck instances."""
+"""``manage.py triggers``: inspect sessions, replay or skip failures, recover stuck instances.
+
+Every error ends the command with one line (``CommandError: …``) and exit status 1,
+without a traceback (``manage.py triggers --traceback …`` shows it); a usage error
+(a missing or unknown argument) with one line and exit status 2.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
-from argparse import ArgumentParser
-from typing import Any, TextIO, cast
+from typing import Any, NoReturn, TextIO, cast
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from triggers.exceptions import TriggersError
 from triggers.manager import TriggerManager, build_manager
+from triggers.storages.base import BaseTriggerStorage
+from triggers.types import STATUS_RUNNING, STATUS_SCHEDULED, now
 
 
-def _json_argument(value: str) -> Any:
+def one_line(text: str) -> str:
+    """A message on one line: the lines of a multi-line one joined (``; ``)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    joined = lines[0] if lines else ""
+    for line in lines[1:]:
+        joined += (" " if joined.endswith(":") else "; ") + line.lstrip("- ")
+    return joined
+
+
+def _json_option(options: dict[str, Any], name: str) -> Any:
+    value = options.get(name)
+    if value is None:
+        return None
     try:
         return json.loads(value)
     except ValueError as exc:
-        raise CommandError(f"Not valid JSON: {value!r} ({exc})") from exc
+        raise CommandError(f"Not valid JSON for --{name}: {value!r} ({exc})") from exc
 
 
 _UNSET: Any = object()
 
 
-def _timeout_argument(value: str) -> int | None:
+def _timeout_option(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value  # _UNSET, or given by call_command(..., timeout=...)
     if value.lower() == "none":
         return None
     try:
         return int(value)
     except ValueError as exc:
-        raise CommandError(f"--timeout takes a number of seconds or 'none', got {value!r}") from exc
+        raise CommandError(f"--timeout takes a number of seconds or 'none', got {value!r}") \
+            from exc
+
+
+def _where(storage: BaseTriggerStorage) -> str:
+    where = getattr(storage, "_where", None)
+    return str(where()) if callable(where) else type(storage).__name__
+
+
+def _missing_table(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "no such table" in text or ("relation" in text and "does not exist" in text)
+
+
+def _format_time(at: float) -> str:
+    """Epoch seconds as a readable time in the project's time zone."""
+    from django.conf import settings
+    from django.utils import timezone
+
+    moment = datetime.datetime.fromtimestamp(at, tz=datetime.timezone.utc)
+    moment = timezone.localtime(moment) if settings.USE_TZ else moment.astimezone()
+    return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} {moment:%Z}"
+
+
+def _describe_event(event: dict[str, Any]) -> str:
+    subject = ""
+    if event.get("trigger") is not None:
+        subject = str(event["trigger"])
+        if event.get("size") is not None:
+            subject += f" ({event['size']} bytes)"
+    elif event.get("event") == "configured" and event.get("size") is not None:
+        subject = f"{event['size']} task(s)"
+    if event.get("instance") is not None:
+        subject = f"{subject} {event['instance']}".strip()
+    if event.get("run") is not None:
+        subject += f" (run {event['run']})"
+    return subject
+
+
+class _OneLineParser(CommandParser):
+    """A usage error is one line, as every error of the command is (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        if self.called_from_command_line:
+            self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise CommandError(f"Error: {message}")
+
+
+def _not_stuck(manager: TriggerManager, older_than: float) -> list[tuple[str, bool]]:
+    """The scheduled and running instances that recovery leaves alone, as recovery reckons
+    it: a line for each, and whether it is merely too recent (``--older-than 0`` would take
+    it) rather than waiting out a delay or cooldown."""
+    found = []
+    moment = now()
+    for instance in manager.storage.get_unresolved_instances():
+        metadata = instance.metadata
+        if instance.status == STATUS_SCHEDULED:
+            since = float(metadata.get("scheduled", metadata.get("modified", 0)) or 0)
+            due = float(instance.start_after or 0)
+            if due > moment:
+                found.append((f"not yet due: {instance.name} (scheduled, waiting out its "
+                              f"delay or cooldown: due in {due - moment:.0f} s)", False))
+                continue
+        elif instance.status == STATUS_RUNNING:
+            since = float(metadata.get("started", metadata.get("modified", 0)) or 0)
+        else:
+            continue
+        if moment - since < older_than:
+            found.append((f"not yet stuck: {instance.name} ({instance.status.value} for "
+                          f"{max(moment - since, 0):.0f} s, less than --older-than "
+                          f"{older_than:g})", True))
+    return found
 
 
 class Command(BaseCommand):
     help = "Inspect trigger sessions, replay or skip failed instances, recover stuck ones."
 
-    def add_arguments(self, parser: CommandParser) -> None:
-        sub = parser.add_subparsers(dest="action", required=True, parser_class=ArgumentParser)
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        if type(parser) is CommandParser:
+            parser.__class__ = _OneLineParser  # the same parser; its errors on one line
+        return parser
 
-        def common(command: ArgumentParser) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
+        called_from_command_line = parser.called_from_command_line
+
+        class SubcommandParser(_OneLineParser):
+            def __init__(self, **kwargs: Any) -> None:
+                kwargs.setdefault("called_from_command_line", called_from_command_line)
+                super().__init__(**kwargs)
+
+        sub = parser.add_subparsers(dest="action", required=True, parser_class=SubcommandParser)
+
+        def common(command: CommandParser) -> None:
             command.add_argument("--manager", help="registry key of the trigger manager "
                                  "(default: TRIGGERS['MANAGER'])")
             command.add_argument("--storage", help="registry key of the storage backend "
@@ -46,19 +151,21 @@ class Command(BaseCommand):
                                  "(default: TRIGGERS['DATABASE'])")
             command.add_argument("--cache", help="cache alias of the cache storage "
                                  "(default: TRIGGERS['CACHE'])")
-            command.add_argument("--timeout", type=_timeout_argument, default=_UNSET,
+            command.add_argument("--timeout", default=_UNSET,
                                  help="key timeout of the cache storage, as the application uses "
                                       "it: seconds, or 'none' (default: TRIGGERS['TIMEOUT'])")
 
         inspect = sub.add_parser("inspect", help="show a session's tasks and instances")
         inspect.add_argument("uid")
         inspect.add_argument("--json", action="store_true", help="print the session as JSON")
+        inspect.add_argument("--timeline", action="store_true",
+                             help="also print the session's history, oldest first")
         common(inspect)
 
         replay = sub.add_parser("replay", help="replay a failed instance")
         replay.add_argument("uid")
         replay.add_argument("instance")
-        replay.add_argument("--kwargs", type=_json_argument,
+        replay.add_argument("--kwargs",
                             help="replacement kwargs as JSON: {trigger: {kwarg: value}}")
         common(replay)
 
@@ -66,7 +173,7 @@ class Command(BaseCommand):
         skip.add_argument("uid")
         skip.add_argument("instance")
         skip.add_argument("--cascade", action="store_true", help="fire the task's name")
-        skip.add_argument("--result", type=_json_argument, help="cascade kwargs as JSON")
+        skip.add_argument("--result", help="cascade kwargs as JSON")
         common(skip)
 
         recover = sub.add_parser("recover", help="re-dispatch instances stuck in scheduled/running")
@@ -87,9 +194,16 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
+            options["timeout"] = _timeout_option(options.get("timeout", _UNSET))
             getattr(self, f"do_{options['action']}")(options)
+        except CommandError as exc:
+            raise CommandError(one_line(str(exc)), returncode=exc.returncode) from exc
         except TriggersError as exc:
-            raise CommandError(str(exc)) from exc
+            raise CommandError(one_line(str(exc))) from exc
+        except Exception as exc:
+            # A store that cannot be reached, a misconfigured alias …: one line as well
+            # (``manage.py triggers --traceback …`` shows where it came from).
+            raise CommandError(one_line(f"{type(exc).__name__}: {exc}")) from exc
 
     def storage_key_and_options(self, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """The storage's registry key and keyword arguments: the settings, then the flags
@@ -117,18 +231,31 @@ class Command(BaseCommand):
 
     def do_inspect(self, options: dict[str, Any]) -> None:
         storage = self.manager(options["uid"], options).storage
+        # Everything is read before anything is printed: an error is the only output.
+        data = storage.debug_repr()
+        history = storage.history() if options["timeline"] else []
+        latest = data["metadata"].get("latest_kwargs")
+        if not data["tasks"] and not data["instances"] and not latest and not (
+                history or storage.history(1)):
+            raise CommandError(
+                f"No session {storage.uid!r} in {_where(storage)}: nothing is stored under "
+                "this UID (check the UID, and --storage, --database or --cache)")
         if options["json"]:
-            self.stdout.write(json.dumps(storage.debug_repr(), indent=2, sort_keys=True,
-                                         default=str))
+            if options["timeline"]:
+                data["history"] = [{**event, "time": _format_time(event["at"])}
+                                   for event in history]
+            self.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str))
             return
+        tasks = storage.tasks
+        unresolved = {config.name for config in storage.get_unresolved_tasks()}
+        instances = list(storage)
         self.stdout.write(f"Session {storage.uid}")
         self.stdout.write("Tasks:")
-        unresolved = {config.name for config in storage.get_unresolved_tasks()}
-        for name, config in storage.tasks.items():
+        for name, config in tasks.items():
             state = "unresolved" if name in unresolved else "resolved"
             self.stdout.write(f"  {name:<30} {state:<10} {json.dumps(config.to_dict())}")
         self.stdout.write("Instances:")
-        for instance in storage:
+        for instance in instances:
             line = f"  {instance.name:<30} {instance.status.value:<10}"
             if instance.status.value == "failed":
                 line += f" {instance.metadata.get('exc_type')}: {instance.metadata.get('exc_message')}"
@@ -140,22 +267,44 @@ class Command(BaseCommand):
             if instance.status.value == "failed" and instance.metadata.get("exc_traceback"):
                 for tb_line in str(instance.metadata["exc_traceback"]).rstrip().splitlines():
                     self.stdout.write(f"      {tb_line}")
+        if options["timeline"]:
+            self.write_timeline(history)
+
+    def write_timeline(self, history: list[dict[str, Any]]) -> None:
+        from triggers.conf import triggers_settings
+
+        self.stdout.write("Timeline (oldest first):")
+        if not history:
+            self.stdout.write("  (no events kept: TRIGGERS['HISTORY_LIMIT'] is 0)"
+                              if triggers_settings.HISTORY_LIMIT == 0 else "  (no events)")
+            return
+        first = float(history[0]["at"])
+        for event in history:
+            at = float(event["at"])
+            self.stdout.write(
+                f"  {_format_time(at)}  {f'+{at - first:.3f}s':>10}  {event.get('event', '?'):<10} "
+                f"{_describe_event(event):<40} {event.get('process', '')}".rstrip())
 
     def do_replay(self, options: dict[str, Any]) -> None:
+        kwargs = _json_option(options, "kwargs")
         manager = self.manager(options["uid"], options)
-        clone = manager.replay_failed_instance(options["instance"], options["kwargs"])
+        clone = manager.replay_failed_instance(options["instance"], kwargs)
         self.stdout.write(f"{options['instance']} replayed as {clone.name} ({clone.status.value})")
 
     def do_skip(self, options: dict[str, Any]) -> None:
+        result = _json_option(options, "result")
         manager = self.manager(options["uid"], options)
         manager.skip_failed_instance(options["instance"], cascade=options["cascade"],
-                                     result=options["result"])
+                                     result=result)
         self.stdout.write(f"{options['instance']} skipped"
                           + (" (cascade fired)" if options["cascade"] else ""))
 
     def do_recover(self, options: dict[str, Any]) -> None:
         from triggers.run import flush_spool
 
+        older_than = options["older_than"]
+        if older_than is not None and not older_than >= 0:
+            raise CommandError(f"--older-than takes a number of seconds >= 0, got {older_than}")
         flushed = flush_spool()
         if flushed:
             self.stdout.write(f"Recorded {flushed} spooled outcome(s)")
@@ -169,35 +318,54 @@ class Command(BaseCommand):
             except NotImplementedError as exc:
                 raise CommandError(f"--all cannot list the sessions of storage {storage!r}: "
                                    f"{exc}; name the session UIDs") from exc
+            except Exception as exc:
+                using = storage_options.get("using", "default")
+                hint = (". The tables of triggers are missing or out of date: run "
+                        f"`manage.py migrate{'' if using == 'default' else ' --database ' + using}`"
+                        if _missing_table(exc) else "")
+                raise CommandError(f"Could not list the sessions of storage {storage!r}: "
+                                   f"{type(exc).__name__}: {exc}{hint}") from exc
         if not uids:
             raise CommandError("Name the session UIDs to recover, or use --all")
         from triggers.conf import triggers_settings
 
-        older_than = options["older_than"]
         if older_than is None:
             older_than = triggers_settings.RECOVER_AFTER
-        total, failures = 0, []
+        total, failures, young = 0, [], 0
         for uid in uids:
             try:
                 manager = self.manager(uid, options)
+                # What recovery will leave alone, read first: afterwards, what it (and a
+                # recovery run's replays) scheduled would look recent too.
+                not_stuck = _not_stuck(manager, older_than)
                 if options["rerun_failed"]:
                     report = manager.recovery_run(older_than)
                     for key in ("recovered", "replayed", "skipped"):
                         for name in report[key]:
                             self.stdout.write(f"{uid}: {key} {name}")
                     total += sum(len(names) for names in report.values())
-                    continue
-                recovered = manager.recover(older_than)
+                else:
+                    instances = manager.recover(older_than)
+                    for instance in instances:
+                        self.stdout.write(f"{uid}: re-dispatched {instance.name} "
+                                          f"(was {instance.metadata.get('recovered_from')})")
+                    total += len(instances)
             except TriggersError as exc:
+                if len(uids) == 1:
+                    raise CommandError(f"{uid}: not recovered: {one_line(str(exc))}") from exc
                 failures.append(uid)
-                self.stderr.write(f"{uid}: not recovered: {exc}")
+                self.stderr.write(f"{uid}: not recovered: {one_line(str(exc))}")
                 continue
-            for instance in recovered:
-                self.stdout.write(f"{uid}: re-dispatched {instance.name} "
-                                  f"(was {instance.metadata.get('recovered_from')})")
-            total += len(recovered)
+            for line, recent in not_stuck:
+                self.stdout.write(f"{uid}: {line}")
+                young += recent
         self.stdout.write(f"Recovered {total} instance(s) in {len(uids) - len(failures)} "
                           f"session(s).")
+        if young:
+            self.stdout.write(
+                f"Skipped {young} instance(s) scheduled or running for less than "
+                f"{older_than:g} s (--older-than): they may still be on their way. "
+                "To include them, once you know their runs are over: --older-than 0")
         if failures:
             raise CommandError(f"{len(failures)} session(s) could not be recovered: "
                                f"{', '.join(failures)}")
