@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,23 +132,33 @@ class _GaveUp(Exception):  # noqa: N818 - internal signal
         self.cause = cause
 
 
-def _retrying(action: Callable[[], Any], doing: str) -> Any:
+def _retrying(action: Callable[[], Any], doing: str,
+              while_retrying: Callable[[], AbstractContextManager[Any]] | None = None) -> Any:
     """``action()``, tried again on transient errors with back-off for up to
-    ``TRIGGERS['OUTCOME_RETRY']`` seconds; then _GaveUp."""
+    ``TRIGGERS['OUTCOME_RETRY']`` seconds; then _GaveUp. ``while_retrying()`` is
+    entered around the retries (the run's heartbeat: its lease must not lapse then)."""
     deadline = time.monotonic() + float(_setting("OUTCOME_RETRY", 60))
+    try:
+        return action()
+    except Exception as exc:
+        if not _transient(exc):
+            raise
+        first = exc
     delay = 0.05
-    while True:
-        try:
-            return action()
-        except Exception as exc:
-            if not _transient(exc):
-                raise
+    with (while_retrying or nullcontext)():
+        while True:
             if time.monotonic() + delay > deadline:
-                raise _GaveUp(exc) from exc
+                raise _GaveUp(first) from first
             logger.warning("Could not %s (%s: %s); trying again in %.2f s.", doing,
-                           type(exc).__name__, exc, delay)
+                           type(first).__name__, first, delay)
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
+            try:
+                return action()
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                first = exc
 
 
 class Run:
@@ -177,10 +187,16 @@ class Run:
         flush_spool()
         storage = manager.storage
         taken_over: list[str] = []
+        # What each attempt did, by the run token it wrote: when an attempt's reply was
+        # lost, the next one may find the instance started by it.
+        attempts: dict[str, tuple[TaskInstance, list[Any]]] = {}
 
         def start(step: SessionStep) -> tuple[TaskInstance | None, list[Any]]:
             instance = step.instance(name)
             taken_over.clear()
+            earlier = attempts.get(str(instance.metadata.get("run")))
+            if instance.status == STATUS_RUNNING and earlier is not None:
+                return earlier
             if instance.status == STATUS_RUNNING and lease_expired(instance):
                 taken_over.append(str(instance.metadata.get("run")))
                 step.note(instance, "recovered")
@@ -193,7 +209,8 @@ class Run:
             instance.metadata.pop("dispatch_error", None)
             step.save(instance)
             manager.fire_outcome(step, instance, DIRECTIVE_ON_START, {"instance": instance.name})
-            return instance.copy(), step.fired
+            attempts[instance.metadata["run"]] = (instance.copy(), step.fired)
+            return attempts[instance.metadata["run"]]
 
         try:
             started, fired = _retrying(lambda: storage.transact(start, Want(instances=[name])),
@@ -315,19 +332,21 @@ class Run:
         if exc is not None:
             meta["retry_reason"] = f"{exception_name(type(exc))}: {exc}"
         replacement = dict(replacement_kwargs) if replacement_kwargs is not None else None
-        clones: list[TaskInstance] = []
+        clones: dict[str, TaskInstance] = {}
 
         def retry(step: SessionStep, instance: TaskInstance) -> None:
             instance.metadata["log_level"] = max(log_level, instance.log_level)
-            clones.append(self.manager.replace_instance(step, instance, replacement, dict(meta),
-                                                        retry=True, cooldown=cooldown))
+            clones["latest"] = self.manager.replace_instance(
+                step, instance, replacement, dict(meta), retry=True, cooldown=cooldown)
 
-        self._record("retry", {"replacement_kwargs": replacement, "cooldown": cooldown,
-                               "metadata": meta, "log_level": log_level}, retry,
-                     Want(counters=[self.instance.task_name]))
-        if not clones:
+        recorded = self._record("retry", {"replacement_kwargs": replacement,
+                                          "cooldown": cooldown, "metadata": meta,
+                                          "log_level": log_level}, retry,
+                                Want(counters=[self.instance.task_name]))
+        if not recorded:
             return None
-        clone = clones[-1]
+        # Once an attempt is applied no later one applies again: the latest clone is its.
+        clone = clones["latest"]
         self.manager.storage.on_commit(lambda: self.manager.dispatch([clone]))
         return clone
 
@@ -348,25 +367,33 @@ class Run:
 
     def _record(self, kind: str, payload: Kwargs,
                 apply: Callable[[SessionStep, TaskInstance], None],
-                want: Want | None = None) -> None:
+                want: Want | None = None) -> bool:
         """Apply an outcome in one step if this run is still current; retry transient
-        errors; spool the outcome if the store stays unreachable."""
+        errors; spool the outcome if the store stays unreachable. Whether it was
+        recorded now (not spooled, not stale)."""
         storage = self.manager.storage
         prefetch = Want(instances=[self.instance.name], triggers=[self.instance.task_name])
         if want is not None:
             prefetch.counters |= want.counters
+        # What each attempt fired, by the mark it wrote on the instance: when an attempt's
+        # reply was lost (applied or not, unknown), the next one tells by the mark.
+        attempts: dict[str, list[Any]] = {}
 
         def step_function(step: SessionStep) -> list[Any] | None:
             instance = step.instance(self.instance.name)
             if instance.status != STATUS_RUNNING or instance.metadata.get("run") != self.token:
-                return None
+                return attempts.get(str(instance.metadata.get("recorded_by")))
             apply(step, instance)
+            mark = f"{self.token}:{secrets.token_hex(3)}"
+            instance.metadata["recorded_by"] = mark
+            step.save(instance)
+            attempts[mark] = step.fired
             return step.fired
 
         try:
             fired = _retrying(lambda: storage.transact(step_function, prefetch),
                               f"record the outcome of {self.instance.name} in session "
-                              f"{storage.uid!r}")
+                              f"{storage.uid!r}", self.keep_alive)
         except InstanceNotFound:
             logger.error("The outcome (%s) of run %s of %s is lost: session %r does not "
                          "have the instance any more (deleted, or expired from its store).",
@@ -374,14 +401,15 @@ class Run:
             raise
         except _GaveUp as gave_up:
             self._spool(kind, payload, gave_up.cause)
-            return
+            return False
         if fired is None:
             logger.warning(
                 "Not recording the outcome of run %s of %s in session %r: the instance was "
                 "changed or recovered meanwhile.", self.token, self.instance.name, storage.uid,
             )
-            return
+            return False
         self.manager.after_step(fired)
+        return True
 
     def _spool(self, kind: str, payload: Kwargs, exc: BaseException) -> None:
         from triggers.manager import trigger_managers

@@ -1,0 +1,132 @@
+"""The run protocol when a store's reply is lost, or recording an outcome takes a while."""
+
+import time
+
+import pytest
+import redis
+
+from tests.helpers import make_storage, statuses
+from triggers import TriggerManager
+from triggers.exceptions import StorageError
+from triggers.run import Run
+
+
+def _lose_one_reply(storage, down_for: float) -> dict:
+    """The next commit is applied but its reply lost; resolving it fails for ``down_for`` s."""
+    engine = storage.engine
+    real_commit, real_resolve = engine._commit, engine._resolve
+    state: dict = {"until": None}
+
+    def commit(keys, args):
+        if state["until"] is None:
+            real_commit(keys=keys, args=args)
+            state["until"] = time.monotonic() + down_for
+            raise redis.ConnectionError("reply lost (simulated)")
+        return real_commit(keys=keys, args=args)
+
+    def resolve(keys, args):
+        if time.monotonic() < state["until"]:
+            raise redis.ConnectionError("still unreachable (simulated)")
+        return real_resolve(keys=keys, args=args)
+
+    engine._commit, engine._resolve = commit, resolve
+    state["restore"] = lambda: (setattr(engine, "_commit", real_commit),
+                                setattr(engine, "_resolve", real_resolve))
+    return state
+
+
+@pytest.fixture
+def dispatched(monkeypatch):
+    sent: list[str] = []
+    monkeypatch.setattr("triggers.runners.ThreadingTaskRunner.run",
+                        lambda self, manager, instance: sent.append(instance.name))
+    return sent
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_a_finish_applied_whose_reply_was_lost_still_dispatches_its_cascade(uid, settings,
+                                                                            dispatched):
+    settings.TRIGGERS = {"OUTCOME_RETRY": 20}
+    storage = make_storage("redis", uid)
+    storage.lock_timeout = 0.3  # the store gives up resolving after 1 s; the run retries
+    manager = TriggerManager(storage)
+    manager.update_configuration({
+        "t": {"after": ["go"], "run": "tests.Echo"},
+        "t_next": {"after": ["t"], "run": "tests.Echo"},
+    })
+    manager.fire("go")
+    run = Run.start(manager, "t#0")
+    fault = _lose_one_reply(storage, 1.5)
+    try:
+        run.finish({"ok": 1})
+    finally:
+        fault["restore"]()
+    assert statuses(storage) == {"t#0": "finished", "t_next#0": "scheduled"}
+    assert dispatched == ["t#0", "t_next#0"]
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_a_start_applied_whose_reply_was_lost_still_runs(uid, settings, dispatched):
+    settings.TRIGGERS = {"OUTCOME_RETRY": 20}
+    storage = make_storage("redis", uid)
+    storage.lock_timeout = 0.3
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+    manager.fire("go")
+    fault = _lose_one_reply(storage, 1.5)
+    try:
+        run = Run.start(manager, "t#0")
+    finally:
+        fault["restore"]()
+    assert run is not None and run.instance.status.value == "running"
+    assert run.token == storage["t#0"].metadata["run"]
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_a_retry_that_was_spooled_dispatches_nothing(uid, settings, tmp_path, monkeypatch,
+                                                     dispatched):
+    settings.TRIGGERS = {"OUTCOME_RETRY": 0.3, "OUTCOME_SPOOL": str(tmp_path)}
+    storage = make_storage("redis", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+    manager.fire("go")
+    run = Run.start(manager, "t#0")
+    real_commit = storage.commit
+
+    def down(step):
+        raise StorageError("Redis unreachable (simulated)")
+
+    monkeypatch.setattr(storage, "commit", down)
+    assert run.retry(cooldown=0) is None
+    monkeypatch.setattr(storage, "commit", real_commit)
+    assert dispatched == ["t#0"]  # no clone that was never stored
+    assert statuses(storage) == {"t#0": "running"}
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_the_lease_is_renewed_while_an_outcome_is_being_retried(uid, settings, monkeypatch,
+                                                               dispatched):
+    settings.TRIGGERS = {"LEASE": 0.6, "OUTCOME_RETRY": 10}
+    storage = make_storage("redis", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+    manager.fire("go")
+    run = Run.start(manager, "t#0")
+    real = storage.transact
+    until = time.monotonic() + 1.5
+    attempts = []
+
+    def transact(step_function, want=None):
+        # Recording the outcome keeps failing for a while (heartbeats get through).
+        if step_function.__name__ == "step_function" and time.monotonic() < until:
+            attempts.append(1)
+            other = Run.start(TriggerManager(make_storage("redis", uid)), "t#0")
+            assert other is None, "the lease lapsed while the outcome was being retried"
+            raise StorageError("lock timeout (simulated)")
+        return real(step_function, want)
+
+    monkeypatch.setattr(storage, "transact", transact)
+    run.finish({"ok": 1})
+    assert len(attempts) >= 3
+    assert statuses(storage) == {"t#0": "finished"}
