@@ -130,3 +130,39 @@ def test_the_lease_is_renewed_while_an_outcome_is_being_retried(uid, settings, m
     run.finish({"ok": 1})
     assert len(attempts) >= 3
     assert statuses(storage) == {"t#0": "finished"}
+
+
+def _terminate_backend(alias: str) -> None:
+    """Kill the PostgreSQL backend serving this thread's connection (a restart, a failover)."""
+    import psycopg
+    from django.conf import settings as django_settings
+    from django.db import connections
+
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    db = django_settings.DATABASES[alias]
+    with psycopg.connect(host=db["HOST"], port=db["PORT"], user=db["USER"],
+                         dbname=connection.settings_dict["NAME"], autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+@pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
+def test_an_outcome_is_recorded_after_the_database_connection_dropped(uid, settings, tmp_path,
+                                                                      dispatched):
+    from triggers.storages.database import DatabaseStorageBackend
+
+    settings.TRIGGERS = {"OUTCOME_RETRY": 10, "OUTCOME_SPOOL": str(tmp_path)}
+    storage = DatabaseStorageBackend(uid, using="postgres")
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"},
+                                  "t_next": {"after": ["t"], "run": "tests.Echo"}})
+    manager.fire("go")
+    run = Run.start(manager, "t#0")
+    _terminate_backend("postgres")
+    run.finish({"ok": 1})
+    assert statuses(storage) == {"t#0": "finished", "t_next#0": "scheduled"}
+    assert dispatched == ["t#0", "t_next#0"]
+    assert not list(tmp_path.iterdir())  # recorded by a retry, not spooled

@@ -114,6 +114,7 @@ class DatabaseStorageBackend(RecordStorage):
         try:
             yield
         except DatabaseError as exc:
+            self._drop_broken_connection()
             raise self._failed(exc, "reading") from exc
 
     # -- atomic steps ---------------------------------------------------------
@@ -131,8 +132,9 @@ class DatabaseStorageBackend(RecordStorage):
         from django.db import DatabaseError, OperationalError
 
         locked = False
-        restore = self._scope_lock_wait()
+        restore: Callable[[], None] = lambda: None  # noqa: E731
         try:
+            restore = self._scope_lock_wait()
             with transaction.atomic(using=self.using):
                 self._lock_row()
                 locked = True
@@ -144,11 +146,25 @@ class DatabaseStorageBackend(RecordStorage):
                     f"{self.lock_timeout} s; another transaction holds it.",
                     session_uid=self.uid,
                 ) from exc
+            self._drop_broken_connection()
             raise self._failed(exc, "changing") from exc
         except DatabaseError as exc:
+            self._drop_broken_connection()
             raise self._failed(exc, "changing") from exc
         finally:
-            restore()
+            try:
+                restore()
+            except DatabaseError:
+                self._drop_broken_connection()
+
+    def _drop_broken_connection(self) -> None:
+        """Close this alias's connection if it broke (a restart, a failover), so that the
+        next step opens a new one; not inside the caller's transaction."""
+        from django.db import connections
+
+        connection = connections[self.using]
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()
 
     def _scope_lock_wait(self) -> Callable[[], None]:
         """Wait at most ``lock_timeout`` for the session's lock, in this step only.
