@@ -228,3 +228,37 @@ def test_done_records_are_compact_and_read_back_whole(uid, trigger_threading_run
     assert "modified" not in raw["meta"]
     assert make_storage("redis", uid)["t_a#0"].metadata["modified"] == \
         make_storage("redis", uid)["t_a#0"].metadata["finished"]
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_idempotency_records_of_a_non_redis_cache_expire_with_the_session(uid):
+    from django.core.cache import caches
+
+    from triggers.storages.cache import CacheStorageBackend
+
+    storage = CacheStorageBackend(uid, cache="locmem", timeout=1)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["a", "b"], "run": "tests.Echo"}})
+    manager.fire("a", idempotency_key="k1")  # written while t#0 is open: no expiry yet
+    manager.fire("b")
+    ThreadingTaskRunner.join_all()
+    time.sleep(2.2)
+    assert caches["locmem"].get(f"triggers:{{{uid}}}:y:k1") is None
+    storage.delete()
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_idempotency_records_of_a_non_redis_cache_live_as_long_as_the_session(uid):
+    from triggers.storages.cache import CacheStorageBackend
+
+    storage = CacheStorageBackend(uid, cache="locmem", timeout=1)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+    manager.fire("ping", {"n": 1}, idempotency_key="webhook-1")
+    for _ in range(4):  # used every 0.4 s: the session (and its records) do not expire
+        time.sleep(0.4)
+        manager.fire("other")
+    manager.fire("ping", {"n": 1}, idempotency_key="webhook-1")
+    fired = [event["trigger"] for event in storage.history() if event["event"] == "fired"]
+    assert fired.count("ping") == 1
+    storage.delete()

@@ -152,13 +152,11 @@ class CacheStorageBackend(RecordStorage):
             self.engine.delete()
             return
         session = self._read_session()
-        keys = ["s", "c", "a", "h"]
+        keys = ["s", "c", "a", "h", "yl"]
         if session is not None:
-            config = self._config_of(session)
-            keys += [self._task_key(place, task) for task in config.tasks
-                     for place in records.TASK_PLACES]
-            keys += [f"d:{task}#{n}" for task, count in session.counters.items()
-                     for n in range(count)]
+            keys = self._session_keys(session, self._config_of(session))
+        else:
+            keys += ["y:" + key for key in self._get(["yl"]).get("yl") or []]
         self.cache.delete_many([self._prefix + key for key in keys])
 
     @classmethod
@@ -327,9 +325,9 @@ class CacheStorageBackend(RecordStorage):
             if deletes:
                 self.cache.delete_many([self._prefix + key for key in deletes])
             if (idle or was_idle) and self.timeout is not None:
-                for key in self._all_keys(session, config):
-                    if key not in encoded:
-                        self.cache.touch(key, expire)
+                for key in self._session_keys(session, config, values.get("yl")):
+                    if self._prefix + key not in encoded:
+                        self.cache.touch(self._prefix + key, expire)
         except Exception as exc:  # noqa: BLE001 - any client error becomes a StorageError
             raise StorageError(
                 f"Could not write session {self.uid!r} to cache {self.cache_alias!r}: {exc}. "
@@ -341,22 +339,24 @@ class CacheStorageBackend(RecordStorage):
         if step.observed.get("session") is None:
             self._register()
 
-    def _all_keys(self, session: SessionRecord, config: records.ParsedConfig) -> list[str]:
-        return _all_keys_of(self._prefix, session, config)
+    def _session_keys(self, session: SessionRecord, config: records.ParsedConfig,
+                      idempotency: list[str] | None = None) -> list[str]:
+        """Every key of the session (without the prefix): they expire together."""
+        keys = ["s", "c", "a", "h", "yl"]
+        keys += [self._task_key(place, task) for task in config.tasks
+                 for place in records.TASK_PLACES]
+        keys += [f"d:{task}#{n}" for task, count in session.counters.items()
+                 for n in range(count)]
+        if idempotency is None:
+            idempotency = self._get(["yl"]).get("yl") or []
+        keys += ["y:" + key for key in idempotency]
+        return keys
 
     def _register(self) -> None:
         """List a new session (see session_uids)."""
         self.cache.add(_SLOTS_KEY, 0, timeout=None)
         slot = self.cache.incr(_SLOTS_KEY)
         self.cache.set(f"{_SLOTS_KEY}:{slot}", self.uid, timeout=None)
-
-
-def _all_keys_of(prefix: str, session: SessionRecord, config: records.ParsedConfig) -> list[str]:
-    keys = [prefix + suffix for suffix in ("s", "c", "a", "h", "yl")]
-    keys += [f"{prefix}{place}:{task}" for task in config.tasks for place in records.TASK_PLACES]
-    keys += [f"{prefix}d:{task}#{n}" for task, count in session.counters.items()
-             for n in range(count)]
-    return keys
 
 
 def _cache_aliases() -> list[str]:
