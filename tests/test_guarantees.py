@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from tests.helpers import make_storage, statuses
 from triggers import CacheStorageBackend, TriggerManager
@@ -266,5 +267,61 @@ def test_a_commit_still_in_flight_after_the_check_is_refused(uid):
     request = json.loads(sent["args"][0])
     request[1] = token
     args = [json.dumps(request)]
-    assert engine._resolve(keys=[engine.key("t")], args=[token]) == b"absent"
+    assert engine._resolve(keys=[engine.key("t")],
+                           args=[token, engine.token_window_ms()]) == b"absent"
     assert engine._commit(keys=sent["keys"], args=args) == b"aborted"
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_a_lost_reply_is_resolved_however_many_steps_followed(uid, monkeypatch):
+    """The token of an applied step is kept for a time, not for a number of steps: a hot
+    session does not push it out before the client that lost the reply checks."""
+    monkeypatch.setattr("triggers.runners.ThreadingTaskRunner.run", lambda self, m, i: None)
+    storage = make_storage("redis", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration(IDEM_CONFIG)
+    others = TriggerManager(make_storage("redis", uid))
+    real = storage.engine._commit
+    broken = []
+
+    def lose_the_reply(keys, args):
+        if not broken:
+            broken.append(1)
+            real(keys=keys, args=args)
+            for n in range(300):  # other processes keep firing meanwhile
+                others.fire("page", {"other": n})
+            raise redis.ConnectionError("reply lost (simulated)")
+        return real(keys=keys, args=args)
+
+    storage.engine._commit = lose_the_reply
+    manager.fire("page", {"mine": 1})
+    pages = [instance.kwargs["page"] for instance in storage.instances_of_task("t_page")]
+    assert len([page for page in pages if "mine" in page]) == 1
+    assert len(pages) == 301
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_a_commit_a_cluster_client_sends_again_is_applied_once(uid, monkeypatch):
+    """redis-py's RedisCluster sends a command again after a connection error: a commit
+    that was applied, whose reply was lost, must not be applied a second time."""
+    from redis.cluster import RedisCluster
+
+    monkeypatch.setattr("triggers.runners.ThreadingTaskRunner.run", lambda self, m, i: None)
+    storage = make_storage("redis_cluster", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration(IDEM_CONFIG)
+    commit_sha = storage.engine._commit.sha
+    real = RedisCluster._execute_command
+    lost = []
+
+    def execute(self, node, *args, **kwargs):
+        if args[:2] == ("EVALSHA", commit_sha) and not lost:
+            lost.append(1)
+            real(self, node, *args, **kwargs)  # applied on the server ...
+            raise redis.ConnectionError("Connection closed by server.")  # ... reply lost
+        return real(self, node, *args, **kwargs)
+
+    monkeypatch.setattr(RedisCluster, "_execute_command", execute)
+    manager.fire("page", {"mine": 1})
+    assert lost == [1]
+    assert len(storage.instances_of_task("t_page")) == 1

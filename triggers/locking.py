@@ -10,10 +10,15 @@ itself forever.
 :class:`RedisSessionLock` wraps python-redis-lock; :class:`CacheSessionLock`
 works on any Django cache through the atomic ``cache.add``;
 :class:`LocalSessionLock` serves in-process storages.
+
+redis-py, python-redis-lock and django-redis come with the ``redis`` extra
+(``pip install 'triggers[redis]'``); they are imported where they are used, so
+that nothing here needs them until a Redis lock is taken.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import random
 import secrets
@@ -23,9 +28,6 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
-
-import redis
-import redis_lock
 
 from triggers.exceptions import (
     LockAcquisitionFailed,
@@ -50,6 +52,7 @@ __all__ = [
     "acquire_lock",
     "redis_client_for_cache",
     "reentrant",
+    "require_redis",
     "resolve_cache",
 ]
 
@@ -128,30 +131,69 @@ class BaseLock:
                 )
 
 
-class _PollingRedisLock(redis_lock.Lock):  # type: ignore[misc]
-    """python-redis-lock's Lock, acquired by polling ``SET NX`` instead of ``BLPOP``.
+#: What installs the Redis-specific packages.
+REDIS_EXTRA = "pip install 'triggers[redis]'"
 
-    The library's waiters block in ``BLPOP`` on a signal list: each waiter holds
-    a connection of the pool for as long as it waits (hundreds of waiting threads
-    exhaust redis-py's default pool of 100 connections), a ``BLPOP`` longer than
-    the client's socket timeout fails with a TimeoutError, and a holder that dies
-    sends no signal at all. Polling with a short back-off holds no connection
-    while waiting and notices an expired lock at once. Expiry, renewal and the
-    atomic compare-and-delete release stay the library's.
-    """
+_REDIS_DISTRIBUTIONS = {"redis": "redis", "redis_lock": "python-redis-lock",
+                        "django_redis": "django-redis"}
 
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.002
-        while True:
-            if self._client.set(self._name, self._id, nx=True, ex=self._expire):
-                if self._lock_renewal_interval is not None:
-                    self._start_lock_renewer()
-                return True
-            if not blocking or (deadline is not None and time.monotonic() >= deadline):
-                return False
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.05)
+
+def require_redis(module: str = "redis") -> Any:
+    """Import a Redis-specific module (``redis``, ``redis_lock``, ``django_redis`` or one of
+    their submodules); if it is missing, an ImportError that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.partition(".")[0]
+        distribution = _REDIS_DISTRIBUTIONS.get(top, top)
+        raise ImportError(
+            f"Redis support of triggers needs the {distribution!r} package, which is not "
+            f"installed ({exc}). Install the redis extra: {REDIS_EXTRA}",
+            name=module,
+        ) from exc
+
+
+_polling_lock_class: type[Any] | None = None
+
+
+def _PollingRedisLock(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - stands for the class
+    """A :func:`_polling_lock_type` lock (python-redis-lock is imported on first use)."""
+    return _polling_lock_type()(*args, **kwargs)
+
+
+def _polling_lock_type() -> type[Any]:
+    global _polling_lock_class
+    if _polling_lock_class is not None:
+        return _polling_lock_class
+    redis_lock = require_redis("redis_lock")
+
+    class PollingRedisLock(redis_lock.Lock):  # type: ignore[misc,name-defined]
+        """python-redis-lock's Lock, acquired by polling ``SET NX`` instead of ``BLPOP``.
+
+        The library's waiters block in ``BLPOP`` on a signal list: each waiter holds
+        a connection of the pool for as long as it waits (hundreds of waiting threads
+        exhaust redis-py's default pool of 100 connections), a ``BLPOP`` longer than
+        the client's socket timeout fails with a TimeoutError, and a holder that dies
+        sends no signal at all. Polling with a short back-off holds no connection
+        while waiting and notices an expired lock at once. Expiry, renewal and the
+        atomic compare-and-delete release stay the library's.
+        """
+
+        def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            delay = 0.002
+            while True:
+                if self._client.set(self._name, self._id, nx=True, ex=self._expire):
+                    if self._lock_renewal_interval is not None:
+                        self._start_lock_renewer()
+                    return True
+                if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                    return False
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.05)
+
+    _polling_lock_class = PollingRedisLock
+    return PollingRedisLock
 
 
 class RedisSessionLock(BaseLock):
@@ -160,6 +202,7 @@ class RedisSessionLock(BaseLock):
     def __init__(self, client: Any, name: str, session_uid: str,
                  expire: int = DEFAULT_LOCK_EXPIRE, timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         super().__init__(name, session_uid, expire, timeout)
+        redis = require_redis("redis")
         self._lock = _PollingRedisLock(client, name, expire=self.expire, auto_renewal=True,
                                        strict=isinstance(client, redis.Redis))
 
@@ -169,6 +212,8 @@ class RedisSessionLock(BaseLock):
         return str(self._lock.id)
 
     def _acquire(self) -> bool:
+        import redis
+
         try:
             acquired: bool = self._lock.acquire(blocking=True, timeout=self.timeout)
         except redis.RedisError as exc:
@@ -180,6 +225,8 @@ class RedisSessionLock(BaseLock):
         return acquired
 
     def _release(self) -> None:
+        import redis_lock
+
         try:
             self._lock.release()
         except redis_lock.NotAcquired:
@@ -315,7 +362,13 @@ def redis_client_for_cache(cache: Any) -> Any:
     if DjangoRedisCache is not None and isinstance(cache, DjangoRedisCache):
         return cache.client.get_client(write=True)
     if isinstance(cache, BuiltinRedisCache):
-        return cache._cache.get_client(write=True)
+        try:
+            client = cache._cache  # Django imports redis-py here
+        except ImportError as exc:
+            if (exc.name or "").partition(".")[0] == "redis":
+                require_redis("redis")  # raises an ImportError that says how to install it
+            raise
+        return client.get_client(write=True)
     return None
 
 
@@ -350,6 +403,8 @@ def acquire_lock(key: str, ttl: int | bool | None = True, cache: Any = "default"
         yield
         return
     expire = backend.default_timeout if ttl is True else ttl
+    import redis_lock
+
     lock = _PollingRedisLock(client, key, expire=expire, auto_renewal=expire is not None)
     if not lock.acquire(blocking=block):
         raise LockAcquisitionFailed(f"Failed to acquire lock on {key!r} (ttl={expire!r}, "

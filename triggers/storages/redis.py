@@ -37,7 +37,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from triggers.exceptions import CorruptSessionState, InvalidArgument, StorageError
-from triggers.locking import DEFAULT_LOCK_EXPIRE, DEFAULT_LOCK_TIMEOUT, BaseLock, RedisSessionLock
+from triggers.locking import (
+    DEFAULT_LOCK_EXPIRE,
+    DEFAULT_LOCK_TIMEOUT,
+    BaseLock,
+    RedisSessionLock,
+    require_redis,
+)
 from triggers.storages import _records as records
 from triggers.storages.base import (
     BaseTriggerStorage,
@@ -138,8 +144,10 @@ local A = cjson.decode(ARGV[1])
 local lock = KEYS[6]
 if redis.call('EXISTS', lock) == 1 and redis.call('GET', lock) ~= A[1] then return 'locked' end
 local token = A[2]
-if redis.call('TYPE', KEYS[9])['ok'] == 'list' and redis.call('LPOS', KEYS[9], '!' .. token) then
-  return 'aborted'
+if redis.call('TYPE', KEYS[9])['ok'] == 'zset' then
+  -- Fenced by a resolve: never applied. Present: applied already (a client re-sent it).
+  if redis.call('ZSCORE', KEYS[9], '!' .. token) then return 'aborted' end
+  if redis.call('ZSCORE', KEYS[9], token) then return 'ok' end
 end
 local i = 3
 local function take() local v = A[i]; i = i + 1; return v end
@@ -152,7 +160,7 @@ for _ = 1, n do
   if seen ~= e then return 'conflict' end
 end
 -- Nothing is written unless every write can succeed: Lua does not roll back.
-local kinds = {'hash', 'hash', 'hash', 'list', 'string', 'string', 'hash', 'list', 'list'}
+local kinds = {'hash', 'hash', 'hash', 'list', 'string', 'string', 'hash', 'list', 'zset'}
 for j = 1, #KEYS do
   if j ~= 6 then
     local kind = redis.call('TYPE', KEYS[j])['ok']
@@ -198,9 +206,13 @@ if n > 0 then
     if oldest then redis.call('HDEL', KEYS[7], oldest) end
   end
 end
-redis.call('LPUSH', KEYS[9], token)
-redis.call('LTRIM', KEYS[9], 0, 199)
-local delta, timeout, P = tonumber(take()), tonumber(take()), take()
+local delta, timeout, P, window = tonumber(take()), tonumber(take()), take(), tonumber(take())
+-- The step's token, kept for ``window`` ms (server time) so that a client that lost
+-- the reply can tell that it was applied.
+local clock = redis.call('TIME')
+local ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZADD', KEYS[9], ms, token)
+redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', ms - window)
 local open = redis.call('HINCRBY', KEYS[1], 'o', delta)
 if timeout > 0 and (open <= 0 or open - delta <= 0) then
   -- Every key of the session: the fixed ones and the per-task ones of every task.
@@ -217,17 +229,24 @@ if timeout > 0 and (open <= 0 or open - delta <= 0) then
     if open <= 0 then redis.call('EXPIRE', k, timeout) else redis.call('PERSIST', k) end
   end
 end
+if not (timeout > 0 and open <= 0) then redis.call('PERSIST', KEYS[9]) end
 return 'ok'
 """
 
 _RESOLVE = """
-if redis.call('LPOS', KEYS[1], ARGV[1]) then return 'applied' end
-redis.call('LPUSH', KEYS[1], '!' .. ARGV[1])
-redis.call('LTRIM', KEYS[1], 0, 199)
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'zset' and redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 'applied' end
+local clock = redis.call('TIME')
+local ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZADD', KEYS[1], ms, '!' .. ARGV[1])
+if kind == 'none' then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2])) end
 return 'absent'
 """
 
 _S, _A, _D, _H, _C, _LOCK, _Y, _YL, _T = 1, 2, 3, 4, 5, 6, 7, 8, 9
+
+#: Seconds (at least) the token of an applied step is kept, however many steps follow.
+TOKEN_WINDOW = 120.0
 
 
 class _ConfigChanged(Exception):
@@ -501,7 +520,7 @@ class RedisEngine:
         limit = history_limit()
         args += [len(events), limit, *[records.dumps(event) for event in events]]
         args += [len(step.new_idempotency), idempotency_limit(), *step.new_idempotency]
-        args += [step.open_delta(), self.timeout or 0, self.prefix]
+        args += [step.open_delta(), self.timeout or 0, self.prefix, self.token_window_ms()]
         outcome = self._commit_or_resolve(keys, [records.dumps(args)], step.token)
         if outcome == "locked":
             step.observed["locked"] = True
@@ -513,6 +532,10 @@ class RedisEngine:
                                   "a key holds a value of another type, or a count is not a "
                                   "number; nothing was written")
         return outcome == "ok"
+
+    def token_window_ms(self) -> int:
+        """How long the tokens of applied steps are kept: longer than any resolve takes."""
+        return int(max(TOKEN_WINDOW, 4 * self.storage.lock_timeout) * 1000)
 
     def _commit_or_resolve(self, keys: list[str], args: list[Any], token: str) -> str:
         """Run the commit script; if the outcome is unknown (the connection broke after the
@@ -533,7 +556,8 @@ class RedisEngine:
         delay = 0.05
         while True:
             try:
-                outcome = _text(self._resolve(keys=[self.key("t")], args=[token]))
+                outcome = _text(self._resolve(keys=[self.key("t")],
+                                              args=[token, self.token_window_ms()]))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 unknown = exc
                 if time.monotonic() + delay > deadline:
@@ -689,13 +713,13 @@ def client_for(url: str, cluster: bool) -> Any:
     key = (url, cluster)
     client = _clients.get(key)
     if client is None:
+        # redis-py and python-redis-lock (the session locks) come with the redis extra:
+        # a clear ImportError saying how to install them if they are missing.
+        redis = require_redis("redis")
+        require_redis("redis_lock")
         if cluster:
-            from redis.cluster import RedisCluster
-
-            client = RedisCluster.from_url(url)
+            client = require_redis("redis.cluster").RedisCluster.from_url(url)
         else:
-            import redis
-
             client = redis.Redis.from_url(url)
         _clients[key] = client
     return client
