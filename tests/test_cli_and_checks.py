@@ -111,8 +111,6 @@ def test_custom_directives_accept_only_the_declared_keys():
         "priority": 3, "queue": "fast"}
 
 
-@pytest.mark.skipif(not hasattr(TriggerManager, "custom_directives"),
-                    reason="TriggerManager.custom_directives is not declared in manager.py yet")
 def test_a_manager_declares_its_custom_directives(uid):
     class PriorityManager(TriggerManager):
         custom_directives = frozenset({"priority"})

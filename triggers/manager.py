@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import traceback as traceback_module
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+from asgiref.sync import sync_to_async
+
 from triggers import _json as stored_json
-from triggers import runners
+from triggers import runners, signals
 from triggers.config import (
     check_kwargs,
     check_kwargs_map,
@@ -72,6 +77,10 @@ class TriggerManager:
 
     #: Registry key (set for the bundled class; found by lookup for others).
     name: ClassVar[str] = "default"
+    #: The extra configuration keys this manager reads (``None``: any key that is not a
+    #: near miss of a directive). Declared, a near miss is an error with a suggestion,
+    #: and so is any other unknown key.
+    custom_directives: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, storage: BaseTriggerStorage) -> None:
         if not isinstance(storage, BaseTriggerStorage):
@@ -104,7 +113,8 @@ class TriggerManager:
         re-applied to the new tasks.
         """
         configs = validate_configuration(
-            configuration, runners.runner_names, _check_task, session_uid=self.storage.uid
+            configuration, runners.runner_names, _check_task, session_uid=self.storage.uid,
+            custom_directives=self.custom_directives,
         )
         self.storage.update_configuration(configs)
 
@@ -204,7 +214,7 @@ class TriggerManager:
 
         clone = self.storage.transact(replay, Want(instances=[name],
                                                     counters=[task_name_of(name)]))
-
+        self._send_step_signals()
         self.storage.on_commit(lambda: self._run_hooks(lambda: self._post_replay(clone), [clone]))
         return clone
 
@@ -214,6 +224,7 @@ class TriggerManager:
         name = self._instance_name(failed_instance)
         result_kwargs = check_kwargs(result, "result")
         def skip(step: SessionStep) -> tuple[TaskInstance, Fired]:
+            self.observe_step(step)
             instance = step.instance(name)
             self._require(instance, instance.can_skip, "skipped", "only failed instances")
             instance.set_status(STATUS_SKIPPED, cascade=bool(cascade), result=result_kwargs)
@@ -242,6 +253,7 @@ class TriggerManager:
         meta = check_metadata(metadata)
         cascade_args = check_kwargs(cascade_kwargs, "cascade_kwargs")
         def update(step: SessionStep) -> tuple[TaskInstance, Fired]:
+            self.observe_step(step)
             instance = step.instance(name)
             instance.set_status(new_status, **meta)
             step.save(instance)
@@ -301,6 +313,7 @@ class TriggerManager:
         limit = now() - older_than
 
         def find_stuck(step: SessionStep) -> list[TaskInstance]:
+            self.observe_step(step)
             stuck: list[TaskInstance] = []
             for instance in step.open_instances():
                 if instance.status == STATUS_SCHEDULED:
@@ -327,6 +340,7 @@ class TriggerManager:
         for instance in stuck:
             logger.warning("Recovering %s of session %r (was %s)", instance.name,
                            self.storage.uid, instance.metadata["recovered_from"])
+        self._send_step_signals()
         self.storage.on_commit(lambda: self.dispatch(stuck))
         return stuck
 
@@ -357,6 +371,67 @@ class TriggerManager:
                 self.replay_failed_instance(instance.name, replacements.get(instance.task_name))
                 replayed.append(instance.name)
         return {"recovered": recovered, "replayed": replayed, "skipped": skipped}
+
+    # ------------------------------------------------------------------
+    # Async forms, for async views and other coroutines.
+    # ------------------------------------------------------------------
+    # Each runs its synchronous method through asgiref's sync_to_async with
+    # thread_sensitive=True: in the thread where Django runs the request's other
+    # synchronous code (its database connections, its transactions). Signals, the
+    # dispatch of what was scheduled and the hooks happen as they do for the
+    # synchronous call, in that thread.
+
+    async def aupdate_configuration(self, configuration: Mapping[str, Mapping[str, Any]]) -> None:
+        """:meth:`update_configuration` for async code."""
+        await sync_to_async(self.update_configuration, thread_sensitive=True)(configuration)
+
+    async def afire(self, trigger_name: str, trigger_kwargs: Mapping[str, Any] | None = None, *,
+                    idempotency_key: str | None = None) -> list[TaskInstance]:
+        """:meth:`fire` for async code: ``await manager.afire("pageReceived", {...})``."""
+        return await sync_to_async(self.fire, thread_sensitive=True)(
+            trigger_name, trigger_kwargs, idempotency_key=idempotency_key)
+
+    async def areplay_failed_instance(
+            self, failed_instance: TaskInstance | str,
+            replacement_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> TaskInstance:
+        """:meth:`replay_failed_instance` for async code."""
+        return await sync_to_async(self.replay_failed_instance, thread_sensitive=True)(
+            failed_instance, replacement_kwargs)
+
+    async def askip_failed_instance(self, failed_instance: TaskInstance | str,
+                                    cascade: bool = False,
+                                    result: Mapping[str, Any] | None = None) -> TaskInstance:
+        """:meth:`skip_failed_instance` for async code."""
+        return await sync_to_async(self.skip_failed_instance, thread_sensitive=True)(
+            failed_instance, cascade, result)
+
+    async def aupdate_instance_status(
+            self, task_instance: TaskInstance | str, status: TaskStatus | str,
+            metadata: Mapping[str, Any] | None = None, cascade: bool = False,
+            cascade_kwargs: Mapping[str, Any] | None = None) -> TaskInstance:
+        """:meth:`update_instance_status` for async code."""
+        return await sync_to_async(self.update_instance_status, thread_sensitive=True)(
+            task_instance, status, metadata, cascade, cascade_kwargs)
+
+    async def aupdate_instance_metadata(self, task_instance: TaskInstance | str,
+                                        metadata: Mapping[str, Any]) -> TaskInstance:
+        """:meth:`update_instance_metadata` for async code."""
+        return await sync_to_async(self.update_instance_metadata, thread_sensitive=True)(
+            task_instance, metadata)
+
+    async def amark_instance_logs_resolved(self, task_instance: TaskInstance | str
+                                           ) -> TaskInstance:
+        """:meth:`mark_instance_logs_resolved` for async code."""
+        return await sync_to_async(self.mark_instance_logs_resolved, thread_sensitive=True)(
+            task_instance)
+
+    async def aget_unresolved_tasks(self) -> list[TaskConfig]:
+        """:meth:`get_unresolved_tasks` for async code."""
+        return await sync_to_async(self.get_unresolved_tasks, thread_sensitive=True)()
+
+    async def aget_unresolved_instances(self) -> list[TaskInstance]:
+        """:meth:`get_unresolved_instances` for async code."""
+        return await sync_to_async(self.get_unresolved_instances, thread_sensitive=True)()
 
     # ------------------------------------------------------------------
     # Hooks.
@@ -450,6 +525,7 @@ class TriggerManager:
                 "(onReady, onStart …) form a loop. Nothing was changed.",
                 session_uid=self.storage.uid,
             )
+        self._note_trigger(step, trigger_name, kwargs)
         touched: list[TaskInstance] = []
         for config in step.reacting(trigger_name):
             touched += self._apply_to_task(step, config, trigger_name, kwargs)
@@ -507,6 +583,7 @@ class TriggerManager:
 
     def fire_outcome(self, step: SessionStep, instance: TaskInstance, directive: str,
                       kwargs: Kwargs, depth: int = 0) -> None:
+        self.observe_step(step)
         for trigger_name in instance.config.outcome_triggers(directive):
             self.apply_trigger(step, trigger_name, kwargs, depth)
 
@@ -524,6 +601,7 @@ class TriggerManager:
                           replacement: dict[str, Kwargs] | None, metadata: Kwargs,
                           retry: bool = False, cooldown: float | None = None) -> TaskInstance:
         """Mark ``old`` replayed and store a scheduled copy of it."""
+        self.observe_step(step)
         old.set_status(STATUS_REPLAYED, **metadata)
         step.save(old)
         if retry:
@@ -542,7 +620,12 @@ class TriggerManager:
         return clone
 
     def after_step(self, fired: Fired) -> None:
-        """After commit: dispatch what the step scheduled, then ``_post_fire`` per trigger."""
+        """After commit: dispatch what the step scheduled, then ``_post_fire`` per trigger.
+
+        The step's signals (:mod:`triggers.signals`) are sent after commit too, before
+        the dispatch.
+        """
+        self._send_step_signals(fired)
         if not fired:
             return
 
@@ -665,6 +748,116 @@ class TriggerManager:
             f"Expected a task instance or its name, got {type(task_instance).__name__} "
             f"{task_instance!r}"
         )
+
+
+    # ------------------------------------------------------------------
+    # Signals (triggers.signals): what a step changed, sent after commit.
+    # ------------------------------------------------------------------
+    # The manager notes the step it works in (observe_step(), called by its steps
+    # and by apply_trigger / fire_outcome / replace_instance, which the run protocol's
+    # steps call too); after_step() — or the method, for steps that return no
+    # ``fired`` — reads the step's status changes and triggers, and sends the signals
+    # through storage.on_commit(). Nothing is computed when no receiver listens.
+
+    def observe_step(self, step: SessionStep) -> None:
+        """Note that this thread works in ``step``, so that the step's status changes and
+        triggers are sent as :mod:`triggers.signals` once it is committed.
+
+        The manager's own steps call it; code that changes instances in a step of its own
+        and then calls :meth:`after_step` with the step's ``fired`` calls it too.
+        """
+        current: _Observed | None = getattr(_observed, "entry", None)
+        if current is None or current.step is not step or current.fired is not step.fired:
+            _observed.entry = _Observed(step)
+
+    def _note_trigger(self, step: SessionStep, trigger_name: str, kwargs: Kwargs) -> None:
+        self.observe_step(step)
+        _observed.entry.triggers.append((trigger_name, kwargs))
+
+    def _send_step_signals(self, fired: Fired | None = None) -> None:
+        """Send the signals of the step this thread observed last, once it is committed.
+
+        ``fired``: what the step returned (its ``fired`` log); a step that was not
+        observed (its ``fired`` is another list) sends nothing.
+        """
+        entry: _Observed | None = getattr(_observed, "entry", None)
+        _observed.entry = None
+        if entry is None or (fired is not None and entry.fired is not fired):
+            return
+        sender = type(self)
+        changes = (_status_changes(entry.step)
+                   if signals.instance_status_changed.has_listeners(sender) else [])
+        triggers = entry.applied() if signals.trigger_fired.has_listeners(sender) else []
+        if not changes and not triggers:
+            return
+        uid = self.storage.uid
+
+        def send() -> None:
+            for instance, old_status, new_status in changes:
+                signals.instance_status_changed.send_robust(
+                    sender, session=uid, instance=instance, old_status=old_status,
+                    new_status=new_status, manager=self)
+            for trigger_name, trigger_kwargs, scheduled in triggers:
+                signals.trigger_fired.send_robust(
+                    sender, session=uid, trigger_name=trigger_name,
+                    trigger_kwargs=trigger_kwargs, scheduled=scheduled, manager=self)
+
+        self.storage.on_commit(send)
+
+
+class _Observed:
+    """The step a thread works in, with the kwargs of the triggers it applied, in order."""
+
+    __slots__ = ("fired", "step", "triggers")
+
+    def __init__(self, step: SessionStep) -> None:
+        self.step = step
+        #: The step's ``fired`` log when it was observed (a nested call in a lock block
+        #: gets a list of its own).
+        self.fired = step.fired
+        self.triggers: list[tuple[str, Kwargs]] = []
+
+    def applied(self) -> list[tuple[str, Kwargs, list[TaskInstance]]]:
+        """Each trigger the step applied: name, kwargs and copies of what it scheduled."""
+        applied = []
+        for index, (trigger_name, scheduled) in enumerate(self.fired):
+            noted = self.triggers[index] if index < len(self.triggers) else None
+            kwargs = (noted[1] if noted is not None and noted[0] == trigger_name
+                      else self.step.new_latest.get(trigger_name, {}))
+            applied.append((trigger_name, copy.deepcopy(kwargs),
+                            [_snapshot(instance) for instance in scheduled]))
+        return applied
+
+
+#: Per thread: ``entry``, the step observed last (an _Observed); ``reported``, the
+#: statuses already reported of a step that several calls share (a lock block).
+_observed = threading.local()
+
+
+def _status_changes(step: SessionStep) -> list[tuple[TaskInstance, TaskStatus | None, TaskStatus]]:
+    """The instances whose status ``step`` changed: a copy of each, old and new status.
+
+    In a lock block several calls share one step: each reports only what changed
+    since the previous one reported.
+    """
+    seen = getattr(_observed, "reported", None)
+    if seen is None or seen[0]() is not step:
+        seen = _observed.reported = (weakref.ref(step), {})
+    reported: dict[str, TaskStatus | None] = seen[1]
+    changes = []
+    for name, instance in step.dirty.items():
+        before = reported[name] if name in reported else step.status_before(name)
+        if before != instance.status:
+            changes.append((_snapshot(instance), before, instance.status))
+            reported[name] = instance.status
+    return changes
+
+
+def _snapshot(instance: TaskInstance) -> TaskInstance:
+    """A copy of ``instance`` that later changes to the original do not reach."""
+    return TaskInstance(instance.name, instance.config, copy.deepcopy(instance.kwargs),
+                        instance.status, copy.deepcopy(instance.metadata),
+                        instance.abandon_state)
 
 
 def _check_idempotency_key(key: Any, uid: str) -> str | None:

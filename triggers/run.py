@@ -380,6 +380,7 @@ class Run:
         attempts: dict[str, list[Any]] = {}
 
         def step_function(step: SessionStep) -> list[Any] | None:
+            self.manager.observe_step(step)
             instance = step.instance(self.instance.name)
             if instance.status != STATUS_RUNNING or instance.metadata.get("run") != self.token:
                 return attempts.get(str(instance.metadata.get("recorded_by")))

@@ -4,7 +4,14 @@
 storage on a fresh SQLite file and the threading runner: no Redis, no Celery
 worker. ``python -m triggers.demo --celery`` runs the same flow on the cache
 storage over Redis with a real Celery worker (Redis as the broker too), which
-it starts and stops. Inside a Django project: ``manage.py triggers demo``.
+it starts and stops; it needs the redis extra (``pip install 'triggers[redis]'``).
+Inside a Django project: ``manage.py triggers demo``.
+
+The standalone demo leaves nothing behind: its temporary SQLite file (and
+directory) is removed at exit. With ``--celery`` its tasks go to a queue of its
+own (``triggers-demo-<random>``) that only its worker consumes, so another
+worker on the same broker cannot take them; ``TRIGGERS_DEMO_REDIS_URL`` chooses
+the Redis database (default ``redis://127.0.0.1:6379/11``).
 
 It prints a timeline (trigger fired → instance scheduled → started → finished →
 cascade) and the final state of the session, which the
@@ -14,10 +21,14 @@ cascade) and the final state of the session, which the
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +41,9 @@ from triggers.task import TaskContext, TriggerTask
 __all__ = ["CONFIGURATION", "EVENTS", "app", "main", "run_demo"]
 
 REDIS_URL = os.environ.get("TRIGGERS_DEMO_REDIS_URL", "redis://127.0.0.1:6379/11")
+#: The demo's own Celery queue: a worker started by this demo run consumes it, and
+#: no other worker on the broker does (its worker gets the name in the environment).
+QUEUE = os.environ.get("TRIGGERS_DEMO_QUEUE") or f"triggers-demo-{uuid.uuid4().hex[:12]}"
 
 CONFIGURATION: dict[str, dict[str, Any]] = {
     "t_importSubject": {
@@ -96,8 +110,26 @@ class MarkComplete(TriggerTask):
 
 #: The demo's Celery app (``celery -A triggers.contrib.demo worker``); Redis is its broker.
 app = Celery("triggers-demo", set_as_current=False)
-app.conf.update(broker_url=REDIS_URL, task_ignore_result=True,
+app.conf.update(broker_url=REDIS_URL, task_ignore_result=True, task_default_queue=QUEUE,
                 broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
+
+#: The temporary directory of the standalone demo's SQLite file (removed at exit).
+_temporary_directory: Path | None = None
+
+
+def remove_temporary_files() -> None:
+    """Remove the standalone demo's temporary SQLite file and its directory (at exit)."""
+    global _temporary_directory
+    directory, _temporary_directory = _temporary_directory, None
+    if directory is None:
+        return
+    try:
+        from django.db import connections
+
+        connections.close_all()
+    except Exception:  # noqa: BLE001 - removing the files matters more
+        pass
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def configure(celery: bool = False) -> None:
@@ -123,7 +155,10 @@ def configure(celery: bool = False) -> None:
         )
         django.setup()
         return
+    global _temporary_directory
     directory = Path(tempfile.mkdtemp(prefix="triggers-demo-"))
+    _temporary_directory = directory
+    atexit.register(remove_temporary_files)
     settings.configure(
         **common,
         DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3",
@@ -151,13 +186,14 @@ class _Worker:
         handle, path = tempfile.mkstemp(prefix="triggers-demo-worker-", suffix=".log")
         os.close(handle)
         self.log = Path(path)
-        env = dict(os.environ, TRIGGERS_DEMO_WORKER="1", TRIGGERS_DEMO_REDIS_URL=REDIS_URL)
+        env = dict(os.environ, TRIGGERS_DEMO_WORKER="1", TRIGGERS_DEMO_REDIS_URL=REDIS_URL,
+                   TRIGGERS_DEMO_QUEUE=QUEUE)
         env.pop("DJANGO_SETTINGS_MODULE", None)
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "triggers.contrib.demo", "worker", "--pool",
                  "prefork", "--concurrency", "2", "--loglevel", "INFO", "--without-gossip",
-                 "--without-mingle", "--without-heartbeat"],
+                 "--without-mingle", "--without-heartbeat", "--queues", QUEUE],
                 env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60) -> None:
@@ -170,7 +206,8 @@ class _Worker:
         if " ready." not in text:
             self.stop()
             raise RuntimeError(f"The demo's Celery worker did not start:\n{text}")
-        self.output.write(f"Celery worker started (pid {self.process.pid}, broker {REDIS_URL})\n")
+        self.output.write(f"Celery worker started (pid {self.process.pid}, broker {REDIS_URL}, "
+                          f"queue {QUEUE})\n")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -179,7 +216,31 @@ class _Worker:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait(30)
+        self.log.unlink(missing_ok=True)
+        _delete_queue()
         self.output.write(f"Celery worker stopped (pid {self.process.pid})\n")
+
+
+def _delete_queue() -> None:
+    """Remove the demo's queue (and its binding) from the broker; best effort."""
+    try:
+        with app.connection_for_write() as connection:
+            # Declared on this channel first: the channel then knows the queue's binding
+            # and deletes it with the queue.
+            queue = app.amqp.queues[QUEUE].bind(connection.default_channel)
+            queue.declare()
+            queue.delete()
+    except Exception:  # noqa: BLE001 - an empty queue left behind does no harm
+        pass
+
+
+def _require_redis() -> None:
+    """The Celery demo runs on Redis: the redis extra must be installed."""
+    from triggers.locking import require_redis
+
+    for module in ("redis", "redis_lock", "django_redis"):
+        require_redis(module)
 
 
 def _timeline(manager: Any, fired: list[tuple[float, str, dict[str, Any]]]) -> list[tuple[float, str]]:
@@ -215,6 +276,8 @@ def run_demo(output: TextIO = sys.stdout, celery: bool = False, manager: Any = N
     ``manager``: a trigger manager to use (default: the finalizing manager over the
     configured storage of a fresh session).
     """
+    if celery:
+        _require_redis()
     configure(celery)
     from triggers.manager import build_manager
     from triggers.runners import ThreadingTaskRunner
@@ -278,7 +341,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--celery", action="store_true",
                         help=f"run on Redis with a real Celery worker ({REDIS_URL})")
     options = parser.parse_args(argv)
-    return 0 if run_demo(celery=options.celery) else 1
+    if options.celery:
+        try:
+            _require_redis()
+        except ImportError as exc:
+            parser.error(str(exc))
+    # Stopped with SIGTERM, exit normally: the temporary files are removed and the
+    # worker is stopped on the way out.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        return 0 if run_demo(celery=options.celery) else 1
+    finally:
+        remove_temporary_files()
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

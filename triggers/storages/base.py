@@ -554,6 +554,10 @@ class SessionStep:
     def dirty(self) -> dict[str, TaskInstance]:
         return self._dirty
 
+    def status_before(self, name: str) -> TaskStatus | None:
+        """The status an instance had when the step read it (``None``: the step created it)."""
+        return self._was.get(name)
+
     def moves(self) -> Iterator[tuple[TaskInstance, str | None, str]]:
         """Each changed instance with its place before (``None``: new) and after."""
         for name, instance in self._dirty.items():
