@@ -97,7 +97,8 @@ CACHES = {
 # Each test run (and the workers it starts) uses queues of its own.
 TEST_QUEUE = os.environ.setdefault("TRIGGERS_TEST_QUEUE", f"triggers-tests-{os.getpid()}")
 CELERY_TASK_DEFAULT_QUEUE = TEST_QUEUE
-CELERY_TASK_ROUTES = {"tests.Routed": {"queue": f"{TEST_QUEUE}-routed"}}
+CELERY_TASK_ROUTES = {"tests.Routed": {"queue": f"{TEST_QUEUE}-routed"},
+                      "tests.CountAlone": {"queue": f"{TEST_QUEUE}-alone"}}
 CELERY_BROKER_URL = BROKER_URL
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
@@ -111,3 +112,6 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": "WARNING"},
 }
+
+if os.environ.get("TRIGGERS_TEST_LEASE"):  # a worker started with a short lease
+    TRIGGERS = {"LEASE": float(os.environ["TRIGGERS_TEST_LEASE"])}

@@ -12,6 +12,7 @@ from tests.workers import Worker, wait_for
 from triggers import CacheStorageBackend, TriggerManager
 from triggers.manager import trigger_managers
 from triggers.runners import CeleryTaskRunner
+from triggers.types import lease_expired
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +112,12 @@ def test_celery_routing_applies(worker, uid):
 
 
 def test_killed_worker_leaves_running_and_recovery_reruns(uid, counts):
-    """A worker SIGKILLed mid-task leaves the instance running; recover() runs it again."""
-    doomed = Worker(concurrency=1).start()
+    """A worker SIGKILLed mid-task leaves the instance running; once its lease expired,
+    recover() runs it again."""
+    alone = [f"{settings.TEST_QUEUE}-alone"]  # no other worker takes the task
+    doomed = Worker(concurrency=1, lease=3, queues=alone).start()
     manager = TriggerManager(CacheStorageBackend(uid))
-    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Count"},
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.CountAlone"},
                                   "t_next": {"after": ["t"], "run": "tests.Echo"}})
     manager.fire("go", {"sleep": 5})
     storage = manager.storage
@@ -126,7 +129,9 @@ def test_killed_worker_leaves_running_and_recovery_reruns(uid, counts):
     time.sleep(0.5)
     assert status_of(storage, "t#0") == "running"
     assert manager.recover(older_than=3600) == []  # not stuck long enough yet
-    rescuer = Worker().start()
+    assert manager.recover(older_than=0) == []  # its lease is still current
+    wait_for(lambda: lease_expired(storage["t#0"]), timeout=10, message="the lease expires")
+    rescuer = Worker(queues=[*alone, settings.TEST_QUEUE]).start()
     try:
         recovered = manager.recover(older_than=0)
         assert [i.name for i in recovered] == ["t#0"]

@@ -166,3 +166,40 @@ def test_an_outcome_is_recorded_after_the_database_connection_dropped(uid, setti
     assert statuses(storage) == {"t#0": "finished", "t_next#0": "scheduled"}
     assert dispatched == ["t#0", "t_next#0"]
     assert not list(tmp_path.iterdir())  # recorded by a retry, not spooled
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("key", [None, "order-42"])
+def test_a_fire_deferred_to_the_commit_survives_a_connection_reset(uid, dispatched, key):
+    from django.db import transaction
+
+    storage = make_storage("redis", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+    engine = storage.engine
+    real_read, real_commit = engine._read, engine._commit
+    calls = []
+
+    def read(keys, args):
+        calls.append("read")
+        if len(calls) == 1:  # a failover just as the transaction commits
+            raise redis.ConnectionError("Connection reset by peer (simulated)")
+        return real_read(keys=keys, args=args)
+
+    def commit(keys, args):
+        calls.append("commit")
+        if calls.count("commit") == 1:  # and the reply of the first commit is lost
+            real_commit(keys=keys, args=args)
+            raise redis.ConnectionError("reply lost (simulated)")
+        return real_commit(keys=keys, args=args)
+
+    engine._read, engine._commit = read, commit
+    engine._resolve = lambda keys, args: (_ for _ in ()).throw(
+        redis.ConnectionError("still unreachable (simulated)"))
+    storage.lock_timeout = 0.2
+    with transaction.atomic():
+        assert manager.fire("go", {"order": 42}, idempotency_key=key) == []
+    assert storage.latest_kwargs["go"] == {"order": 42}
+    assert statuses(storage) == {"t#0": "scheduled"}  # applied once
+    assert dispatched == ["t#0"]

@@ -30,7 +30,8 @@ def broker_reachable(timeout=3.0):
 class Worker:
     """A `celery worker` process (prefork pool) consuming this test run's queues."""
 
-    def __init__(self, concurrency=4, queues=None, extra_args=()):
+    def __init__(self, concurrency=4, queues=None, extra_args=(), lease=None):
+        self.lease = lease  # TRIGGERS['LEASE'] of the worker, if not the default
         self.name = f"w{uuid.uuid4().hex[:6]}@%h"
         self.queues = queues or [settings.TEST_QUEUE, f"{settings.TEST_QUEUE}-routed"]
         self.concurrency = concurrency
@@ -52,6 +53,8 @@ class Worker:
         env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
         env["TRIGGERS_TEST_QUEUE"] = settings.TEST_QUEUE
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if self.lease is not None:
+            env["TRIGGERS_TEST_LEASE"] = str(self.lease)
         command = [
             sys.executable, "-m", "celery", "-A", "tests.celery", "worker",
             "--pool", "prefork", "--concurrency", str(self.concurrency),

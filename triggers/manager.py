@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import secrets
 import threading
 import traceback as traceback_module
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from asgiref.sync import sync_to_async
@@ -27,9 +29,11 @@ from triggers.exceptions import (
     InvalidArgument,
     InvalidInstanceStatus,
     InvalidTrigger,
+    LockTimeout,
     UnknownTask,
 )
 from triggers.registry import TriggersRegistry
+from triggers.retrying import GaveUp, retry_transient
 from triggers.storages import storage_backends
 from triggers.storages.base import BaseTriggerStorage, SessionStep, Want
 from triggers.types import (
@@ -46,6 +50,7 @@ from triggers.types import (
     TaskConfig,
     TaskInstance,
     TaskStatus,
+    lease_expired,
     now,
     task_name_of,
 )
@@ -124,7 +129,9 @@ class TriggerManager:
 
         With ``idempotency_key``, a fire repeated with the same key in the same
         session (a web request retried, a webhook delivered twice) is applied once;
-        a repeat changes nothing and returns what the first one scheduled. Keys are
+        a repeat changes nothing and returns what the first one scheduled (sending
+        again those still ``scheduled``, in case the first call was cut off before it
+        dispatched them: a run starts once however often it is sent). Keys are
         kept for the session's life, the newest ``TRIGGERS['IDEMPOTENCY_KEYS']``.
 
         Inside the caller's ``transaction.atomic()`` (``ATOMIC_REQUESTS``
@@ -135,8 +142,11 @@ class TriggerManager:
         """
         kwargs = self._check_trigger(trigger_name, trigger_kwargs)
         key = _check_idempotency_key(idempotency_key, self.storage.uid)
+        # Applied at the commit, and tried again there if the store falters: with a key
+        # (the caller's, or one of its own), so that a retry never applies it twice.
+        deferred_key = key or f"on-commit:{secrets.token_hex(8)}"
         if self._defer_to_commit(
-                lambda: self.fire(trigger_name, kwargs, idempotency_key=key)):
+                lambda: self.fire(trigger_name, kwargs, idempotency_key=deferred_key)):
             return []
 
         def apply(step: SessionStep) -> Fired | list[str]:
@@ -154,7 +164,13 @@ class TriggerManager:
         if outcome and isinstance(outcome[0], str):
             logger.info("Fire of %r in session %r with idempotency key %r was applied before; "
                         "nothing changed.", trigger_name, self.storage.uid, key)
-            return [self.storage[name] for name in outcome]
+            earlier = [self.storage[name] for name in outcome]
+            # The first call may have been cut off before it dispatched (its reply lost):
+            # what is still scheduled is sent again; a run starts once however often.
+            waiting = [instance for instance in earlier if instance.status == STATUS_SCHEDULED]
+            if waiting:
+                self.storage.on_commit(lambda: self.dispatch(waiting))
+            return earlier
         fired = cast(Fired, outcome)
         if not fired:
             return []
@@ -236,8 +252,7 @@ class TriggerManager:
         instance, fired = self.storage.transact(skip, Want(
             instances=[name], triggers=[task_name_of(name)] if cascade else []))
         self.after_step(fired)
-        self.storage.on_commit(lambda: self._run_hooks(lambda: self._post_skip(instance, cascade),
-                                                       []))
+        self.after_skip(instance, cascade)
         return instance
 
     def update_instance_status(self, task_instance: TaskInstance | str, status: TaskStatus | str,
@@ -302,9 +317,11 @@ class TriggerManager:
         or the broker was down) or ``running`` (its worker died) for at least
         ``older_than`` seconds (default: ``TRIGGERS['RECOVER_AFTER']``, 300). A
         running one goes back to ``scheduled`` first: its old run can no longer
-        record an outcome. Exactly-once start still
-        holds for every dispatch; choose ``older_than`` above your longest task,
-        since a run that is merely slow would otherwise be started again.
+        record an outcome. A running instance with a lease (``TRIGGERS['LEASE']``) is
+        stuck only once its lease expired too: a live run renews it, so it is never
+        started again while its worker works. Exactly-once start still holds for every
+        dispatch; for runs without a lease choose ``older_than`` above your longest
+        task, since a run that is merely slow would otherwise be started again.
         """
         if older_than is None:
             older_than = _recover_after()
@@ -321,6 +338,8 @@ class TriggerManager:
                     since = max(float(instance.start_after or 0), float(instance.metadata.get(
                         "scheduled", instance.metadata.get("modified", 0))))
                 elif instance.status == STATUS_RUNNING:
+                    if "lease" in instance.metadata and not lease_expired(instance):
+                        continue  # its worker is alive: it renews the lease
                     since = instance.metadata.get("started", instance.metadata.get("modified", 0))
                 else:
                     continue
@@ -636,23 +655,33 @@ class TriggerManager:
         dispatch = [instance for _, scheduled in fired for instance in scheduled]
         self.storage.on_commit(lambda: self._run_hooks(hooks, dispatch))
 
+    def after_skip(self, instance: TaskInstance, cascade: bool = False) -> None:
+        """After commit: ``_post_skip`` of an instance that was skipped (by
+        :meth:`skip_failed_instance`, or by its run: ``raise self.skip()``)."""
+        self.storage.on_commit(lambda: self._run_hooks(lambda: self._post_skip(instance, cascade),
+                                                       []))
+
     def _defer_to_commit(self, apply: Callable[[], Any]) -> bool:
         """Inside the caller's transaction, apply a fire on commit if the storage cannot
-        join the transaction; whether it was deferred."""
-        if self.storage.joins_transactions or self.storage.in_lock_block():
+        join that transaction; whether it was deferred."""
+        if self.storage.in_lock_block():
             return False
         alias = self.storage.caller_transaction()
-        if alias is None:
+        if alias is None or self.storage.joins_transaction(alias):
             return False
         from django.db import transaction
 
         def later() -> None:
             try:
-                apply()
-            except Exception:
-                logger.exception("Could not apply a fire deferred to the commit of database "
-                                 "%r in session %r", alias, self.storage.uid)
-                raise
+                retry_transient(apply, f"apply a fire deferred to the commit of database "
+                                f"{alias!r} in session {self.storage.uid!r}",
+                                _deferred_retry())
+            except Exception as exc:
+                cause = exc.cause if isinstance(exc, GaveUp) else exc
+                logger.error("Could not apply a fire deferred to the commit of database %r in "
+                             "session %r: %s: %s", alias, self.storage.uid,
+                             type(cause).__name__, cause)
+                raise cause from None
 
         transaction.on_commit(later, using=alias, robust=True)
         return True
@@ -670,7 +699,14 @@ class TriggerManager:
         if not self._overrides_hooks():
             self.dispatch(dispatch)
             return
-        with self.storage.hook_lock():
+        with ExitStack() as held:
+            try:
+                held.enter_context(self.storage.hook_lock())
+            except LockTimeout as exc:
+                # Another hook of the session held the lock longer than lock_timeout.
+                # The step is written: its instances are dispatched, its hooks run.
+                logger.warning("The hooks of session %r run without the session's hook "
+                               "lock: %s", self.storage.uid, exc)
             self.dispatch(dispatch)
             hooks()
 
@@ -860,6 +896,14 @@ def _snapshot(instance: TaskInstance) -> TaskInstance:
                         instance.abandon_state)
 
 
+def _deferred_retry() -> float:
+    """Seconds a fire deferred to a commit is retried: ``TRIGGERS['OUTCOME_RETRY']``, at
+    most 10 (the request that committed waits for it)."""
+    from triggers.conf import triggers_settings
+
+    return min(float(triggers_settings.OUTCOME_RETRY), 10.0)
+
+
 def _check_idempotency_key(key: Any, uid: str) -> str | None:
     if key is None:
         return None
@@ -943,8 +987,14 @@ class FinalizingTriggerManager(TriggerManager):
     TRIGGER_SESSION_FINALIZED = "sessionFinalized"
 
     def _post_fire(self, trigger_name: str, tasks_scheduled: list[TaskInstance]) -> None:
-        if trigger_name == self.TRIGGER_SESSION_FINALIZED:
-            return
+        if trigger_name != self.TRIGGER_SESSION_FINALIZED:
+            self._finalize_if_done()
+
+    def _post_skip(self, task_instance: TaskInstance, cascade: bool) -> None:
+        # A skip applies no trigger when it does not cascade; it may end the last work.
+        self._finalize_if_done()
+
+    def _finalize_if_done(self) -> None:
         if self.TRIGGER_SESSION_FINALIZED in self.storage.latest_kwargs:
             return
         for config in self.get_unresolved_tasks():

@@ -34,23 +34,21 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import secrets
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from triggers import _json as stored_json
 from triggers.exceptions import (
-    CorruptSessionState,
     InstanceNotFound,
     InvalidTrigger,
-    StorageError,
 )
+from triggers.retrying import GaveUp, is_transient, retry_transient
 from triggers.storages.base import SessionStep, Want
 from triggers.types import (
     DIRECTIVE_ON_COMPLETE,
@@ -64,6 +62,7 @@ from triggers.types import (
     STATUS_SKIPPED,
     TaskInstance,
     TaskStatus,
+    lease_expired,
     now,
 )
 
@@ -92,12 +91,6 @@ def lease_seconds() -> float:
     return float(_setting("LEASE", 60))
 
 
-def lease_expired(instance: TaskInstance) -> bool:
-    """Whether a running instance has a lease, and it expired (no heartbeat renewed it)."""
-    lease = instance.metadata.get("lease")
-    return lease is not None and float(lease) < time.time()
-
-
 def _close_connections() -> None:
     from django.conf import settings
 
@@ -113,52 +106,10 @@ def spool_directory() -> Path:
     return Path(configured or os.path.join(tempfile.gettempdir(), "triggers-outcomes"))
 
 
-def _transient(exc: BaseException) -> bool:
-    """Whether recording may succeed if tried again (not a corrupt or missing session)."""
-    if isinstance(exc, (CorruptSessionState, InstanceNotFound)):
-        return False
-    if isinstance(exc, StorageError):
-        return True
-    try:
-        import redis
-    except ImportError:  # pragma: no cover - part of the redis extra
-        return False
-    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
-
-
-class _GaveUp(Exception):  # noqa: N818 - internal signal
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
 def _retrying(action: Callable[[], Any], doing: str,
               while_retrying: Callable[[], AbstractContextManager[Any]] | None = None) -> Any:
-    """``action()``, tried again on transient errors with back-off for up to
-    ``TRIGGERS['OUTCOME_RETRY']`` seconds; then _GaveUp. ``while_retrying()`` is
-    entered around the retries (the run's heartbeat: its lease must not lapse then)."""
-    deadline = time.monotonic() + float(_setting("OUTCOME_RETRY", 60))
-    try:
-        return action()
-    except Exception as exc:
-        if not _transient(exc):
-            raise
-        first = exc
-    delay = 0.05
-    with (while_retrying or nullcontext)():
-        while True:
-            if time.monotonic() + delay > deadline:
-                raise _GaveUp(first) from first
-            logger.warning("Could not %s (%s: %s); trying again in %.2f s.", doing,
-                           type(first).__name__, first, delay)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
-            try:
-                return action()
-            except Exception as exc:
-                if not _transient(exc):
-                    raise
-                first = exc
+    """``action()`` with transient errors retried for ``TRIGGERS['OUTCOME_RETRY']`` s."""
+    return retry_transient(action, doing, float(_setting("OUTCOME_RETRY", 60)), while_retrying)
 
 
 class Run:
@@ -219,7 +170,7 @@ class Run:
             logger.error("Cannot start %s: session %r does not have it (deleted, or expired "
                          "from its store); nothing was run.", name, storage.uid)
             raise
-        except _GaveUp as gave_up:
+        except GaveUp as gave_up:
             raise gave_up.cause from None
         if started is None:
             logger.warning(
@@ -319,7 +270,8 @@ class Run:
     def skip(self, metadata: Mapping[str, Any] | None = None,
              log_level: int = logging.NOTSET) -> None:
         """``running`` → ``skipped``, with ``metadata`` merged."""
-        self._end(STATUS_SKIPPED, {"finished": now(), **dict(metadata or {})}, log_level)
+        if self._end(STATUS_SKIPPED, {"finished": now(), **dict(metadata or {})}, log_level):
+            self.manager.after_skip(self.instance, False)
 
     def retry(self, replacement_kwargs: Mapping[str, Kwargs] | None = None,
               cooldown: float | None = None, metadata: Mapping[str, Any] | None = None,
@@ -351,7 +303,7 @@ class Run:
         return clone
 
     def _end(self, status: TaskStatus, metadata: Kwargs, log_level: int,
-             outcome: Kwargs | None = None) -> None:
+             outcome: Kwargs | None = None) -> bool:
         def end(step: SessionStep, instance: TaskInstance) -> None:
             instance.set_status(status, **{**metadata,
                                            "log_level": max(log_level, instance.log_level)})
@@ -360,8 +312,8 @@ class Run:
                 for directive in (DIRECTIVE_ON_FAILURE, DIRECTIVE_ON_COMPLETE):
                     self.manager.fire_outcome(step, instance, directive, outcome)
 
-        self._record("end", {"status": status.value, "metadata": metadata,
-                             "log_level": log_level, "outcome": outcome}, end)
+        return self._record("end", {"status": status.value, "metadata": metadata,
+                                    "log_level": log_level, "outcome": outcome}, end)
 
     # -- recording ------------------------------------------------------------------
 
@@ -400,7 +352,7 @@ class Run:
                          "have the instance any more (deleted, or expired from its store).",
                          kind, self.token, self.instance.name, storage.uid)
             raise
-        except _GaveUp as gave_up:
+        except GaveUp as gave_up:
             self._spool(kind, payload, gave_up.cause)
             return False
         if fired is None:
@@ -474,7 +426,7 @@ def flush_spool() -> int:
         try:
             Run._replay(stored_json.loads(claimed.read_text()))
         except Exception as exc:  # noqa: BLE001 - keep it for the next flush
-            if _transient(exc):
+            if is_transient(exc):
                 claimed.replace(path)
                 logger.warning("The store is still unreachable for the spooled outcome %s: %s",
                                path, exc)

@@ -10,6 +10,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "lease_expired",
     "CONDITION_ALL",
     "CONDITION_ANY",
     "INSTANCE_SEPARATOR",
@@ -501,6 +502,8 @@ class TaskInstance:
         if self.status in RESOLVED_STATUSES:
             # Only a running instance needs its run token.
             self.metadata.pop("run", None)
+        if self.status != TaskStatus.RUNNING:
+            self.metadata.pop("lease", None)  # a lease is a running instance's
         if not self.metadata.get("log_level"):
             self.metadata.pop("log_level", None)
 
@@ -552,3 +555,9 @@ def instance_name(task_name: str, number: int) -> str:
 def task_name_of(name: str) -> str:
     """``t_importSubject#3`` → ``t_importSubject``."""
     return name.rsplit(INSTANCE_SEPARATOR, 1)[0]
+
+
+def lease_expired(instance: TaskInstance) -> bool:
+    """Whether a running instance has a lease, and it expired (no heartbeat renewed it)."""
+    lease = instance.metadata.get("lease")
+    return lease is not None and float(lease) < time.time()

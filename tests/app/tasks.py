@@ -172,6 +172,12 @@ class Count(TriggerTask):
         return {"instance": context.task_instance.name}
 
 
+class CountAlone(Count):
+    """Count, routed to a queue of its own (only the workers a test starts for it consume it)."""
+
+    name = "tests.CountAlone"
+
+
 class Routed(TriggerTask):
     """Returns the queue its message came through (routing applies)."""
 

@@ -722,6 +722,11 @@ class BaseTriggerStorage:
     #: other storages' fires wait for it to commit (see :meth:`caller_transaction`).
     joins_transactions: bool = False
 
+    def joins_transaction(self, alias: str) -> bool:
+        """Whether this storage's steps join a transaction of database ``alias``: then a
+        fire inside it is applied at once, and undone if it rolls back."""
+        return False
+
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the step just taken is durable.
 
@@ -893,7 +898,9 @@ class BaseTriggerStorage:
                 held.save_handed()
             finally:
                 self._held = None
-        _run_all(held.callbacks)
+        # Inside the caller's transaction the dispatches wait for its commit (a rollback
+        # leaves what the block scheduled to recovery, never runs it for nothing).
+        self.on_commit(lambda: _run_all(held.callbacks))
 
     def save(self) -> None:
         """Accepted inside :meth:`acquire_lock` (the block's changes are written at its end)."""

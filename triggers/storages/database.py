@@ -222,6 +222,9 @@ class DatabaseStorageBackend(RecordStorage):
 
     joins_transactions = True
 
+    def joins_transaction(self, alias: str) -> bool:
+        return alias == self.using
+
     def on_commit(self, callback: Callable[[], None]) -> None:
         # Robust: a failing callback registered before (a hook, any of the app's) must not
         # drop the dispatches of later steps of the same transaction.
