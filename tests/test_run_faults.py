@@ -203,3 +203,38 @@ def test_a_fire_deferred_to_the_commit_survives_a_connection_reset(uid, dispatch
     assert storage.latest_kwargs["go"] == {"order": 42}
     assert statuses(storage) == {"t#0": "scheduled"}  # applied once
     assert dispatched == ["t#0"]
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_a_spooled_outcome_that_cannot_be_recorded_is_kept_aside(uid, settings, tmp_path,
+                                                                 monkeypatch, dispatched):
+    import os
+
+    from triggers.run import flush_spool
+
+    settings.TRIGGERS = {"OUTCOME_RETRY": 0.2, "OUTCOME_SPOOL": str(tmp_path)}
+    storage = make_storage("redis", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+    manager.fire("go")
+    run = Run.start(manager, "t#0")
+    real_commit = storage.commit
+
+    def down(step):
+        raise StorageError("Redis unreachable (simulated)")
+
+    monkeypatch.setattr(storage, "commit", down)
+    run.finish({"ok": 1})
+    monkeypatch.setattr(storage, "commit", real_commit)
+    [spooled] = tmp_path.glob("*.json")
+    storage.delete()  # the session is gone before the store is back
+    assert flush_spool() == 0
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.claimed"))
+    assert [path.name for path in (tmp_path / "failed").iterdir()] == [spooled.name]
+    # A claim whose flusher died is taken back after a while.
+    claimed = tmp_path / "1-abandoned.claimed"
+    claimed.write_text((tmp_path / "failed" / spooled.name).read_text())
+    os.utime(claimed, (time.time() - 3600, time.time() - 3600))
+    flush_spool()
+    assert not claimed.exists()
+    assert len(list((tmp_path / "failed").iterdir())) == 2  # tried again, kept aside again

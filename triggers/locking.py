@@ -179,6 +179,28 @@ def _polling_lock_type() -> type[Any]:
         atomic compare-and-delete release stay the library's.
         """
 
+        @staticmethod
+        def _lock_renewer(name: str, lockref: Any, interval: float, stop: Any) -> None:
+            # The library's renewer ends at the first error, and renews every two thirds
+            # of the expiry: one connection reset and the lock expires under its live
+            # holder. This one renews every third, and goes on after an error.
+            redis = require_redis("redis")
+            while not stop.wait(timeout=interval / 2):
+                lock = lockref()
+                if lock is None:
+                    return
+                try:
+                    lock.extend(expire=lock._expire)
+                except (redis_lock.NotAcquired, redis_lock.NotExpirable):
+                    logger.error("The Redis lock %r expired while held (taken by another "
+                                 "holder meanwhile?)", name)
+                    return
+                except redis.RedisError as exc:
+                    logger.warning("Could not renew the Redis lock %r (%s: %s); trying again",
+                                   name, type(exc).__name__, exc)
+                finally:
+                    del lock
+
         def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
             deadline = None if timeout is None else time.monotonic() + timeout
             delay = 0.002

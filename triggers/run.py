@@ -101,9 +101,21 @@ def _close_connections() -> None:
 
 
 def spool_directory() -> Path:
-    """Where outcomes wait that could not be recorded (``TRIGGERS['OUTCOME_SPOOL']``)."""
+    """Where outcomes wait that could not be recorded (``TRIGGERS['OUTCOME_SPOOL']``).
+
+    By default a directory of the system's temporary directory named after the
+    project's settings module, so that two projects on one machine keep apart.
+    """
     configured = _setting("OUTCOME_SPOOL", None)
-    return Path(configured or os.path.join(tempfile.gettempdir(), "triggers-outcomes"))
+    if configured:
+        return Path(configured)
+    project = os.environ.get("DJANGO_SETTINGS_MODULE") or "default"
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in project)
+    return Path(tempfile.gettempdir()) / f"triggers-outcomes-{safe}"
+
+
+#: A claimed spool file older than this is taken back (its flusher died).
+STALE_CLAIM = 600.0
 
 
 def _retrying(action: Callable[[], Any], doing: str,
@@ -412,15 +424,26 @@ class Run:
 
 
 def flush_spool() -> int:
-    """Record the outcomes this machine spooled while the store was unreachable; how many."""
+    """Record the outcomes this machine spooled while the store was unreachable; how many.
+
+    One that can never be recorded (its session is gone or corrupt) moves to the
+    ``failed`` subdirectory, logged, for a human to look at.
+    """
     directory = spool_directory()
     if not directory.is_dir():
         return 0
+    for stale in directory.glob("*.claimed"):
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_CLAIM:
+                stale.replace(stale.with_suffix(".json"))
+        except OSError:
+            continue
     done = 0
     for path in sorted(directory.glob("*.json")):
         claimed = path.with_suffix(".claimed")
         try:
             path.replace(claimed)  # one flusher per file
+            claimed.touch()
         except OSError:
             continue
         try:
@@ -431,10 +454,12 @@ def flush_spool() -> int:
                 logger.warning("The store is still unreachable for the spooled outcome %s: %s",
                                path, exc)
                 break
-            logger.exception("Could not record the spooled outcome %s; it is dropped", path)
-            claimed.unlink(missing_ok=True)
+            failed = directory / "failed"
+            failed.mkdir(exist_ok=True)
+            claimed.replace(failed / path.name)
+            logger.exception("Could not record the spooled outcome %s; it is kept in %s",
+                             path, failed / path.name)
             continue
         claimed.unlink(missing_ok=True)
         done += 1
     return done
-

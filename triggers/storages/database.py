@@ -416,15 +416,25 @@ class DatabaseLock(BaseLock):
         return True
 
     def _renew(self) -> None:
-        from django.db import connections
+        from django.db import DatabaseError, connections
 
         try:
             while not self._stop.wait(self.expire / 3):
-                self._model().objects.using(self.using).filter(
-                    name=self.name, owner=self._token).update(expires=time.time() + self.expire)
-        except Exception:  # noqa: BLE001 - the lock then expires by itself
-            logger.warning("Could not renew the lock %r of session %r", self.name,
-                           self.session_uid, exc_info=True)
+                try:
+                    renewed = self._model().objects.using(self.using).filter(
+                        name=self.name, owner=self._token).update(
+                            expires=time.time() + self.expire)
+                except DatabaseError:
+                    # A busy SQLite file, a dropped connection: try again at the next beat
+                    # (on a new connection), while the lock has not expired.
+                    logger.warning("Could not renew the lock %r of session %r; trying again",
+                                   self.name, self.session_uid, exc_info=True)
+                    connections[self.using].close()
+                    continue
+                if not renewed:
+                    logger.error("The lock %r of session %r expired while held (taken by "
+                                 "another holder meanwhile?)", self.name, self.session_uid)
+                    return
         finally:
             connections[self.using].close()
 
