@@ -121,7 +121,8 @@ def test_sqlite_atomic_requests_without_immediate_transactions_is_checked(settin
     database = settings.DATABASES["default"]
     with mock.patch.dict(database, {"ATOMIC_REQUESTS": True}):
         assert "triggers.W003" in [m.id for m in check_settings()]
-        with mock.patch.dict(database, {"OPTIONS": {**database["OPTIONS"],
-                                                    "transaction_mode": "IMMEDIATE"}}):
-            assert "triggers.W003" not in [m.id for m in check_settings()]
+        for mode in ("IMMEDIATE", "immediate"):  # Django accepts either
+            with mock.patch.dict(database, {"OPTIONS": {**database["OPTIONS"],
+                                                        "transaction_mode": mode}}):
+                assert "triggers.W003" not in [m.id for m in check_settings()]
     assert "triggers.W003" not in [m.id for m in check_settings()]

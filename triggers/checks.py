@@ -166,7 +166,7 @@ def _check_sqlite_transactions(alias: str) -> list[checks.CheckMessage]:
             "ATOMIC_REQUESTS"):
         return []
     mode = (database.get("OPTIONS") or {}).get("transaction_mode")
-    if mode in ("IMMEDIATE", "EXCLUSIVE"):
+    if str(mode).upper() in ("IMMEDIATE", "EXCLUSIVE"):  # Django accepts any case
         return []
     hint = (f'Set DATABASES[{alias!r}]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"'
             if django.VERSION >= (5, 1) else
