@@ -355,3 +355,21 @@ def test_inspection_surface(manager):
     assert created.name == "t_importSubject#1" and storage[created.name].metadata["by"] == "hand"
     clone = storage.clone_instance("t_importResponses#0")
     assert clone.name == "t_importResponses#1" and clone.metadata["parent"] == "t_importResponses#0"
+
+
+def test_retry_accepts_celerys_argument_names(manager):
+    """``raise self.retry(exc=..., countdown=..., max_retries=...)`` as in Celery."""
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.RetryCeleryStyle"}})
+    fire_all(manager, [("go", {"countdown": 0, "max_retries": 2})])
+    assert statuses(manager.storage) == {"t#0": "replayed", "t#1": "replayed", "t#2": "failed"}
+    failed = manager.storage["t#2"].metadata
+    assert failed["exc_type"].endswith("MaxRetriesExceeded")
+    assert "max_retries is 2" in failed["exc_message"]
+    assert "ValueError: flaky" in failed["exc_message"]
+
+
+def test_retry_refuses_a_countdown_that_contradicts_the_cooldown(manager):
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.RetryCeleryStyle"}})
+    fire_all(manager, [("go", {"countdown": 1, "cooldown": 2})])
+    assert statuses(manager.storage) == {"t#0": "failed"}
+    assert "pass one" in manager.storage["t#0"].metadata["exc_message"]

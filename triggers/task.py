@@ -214,18 +214,30 @@ class TriggerTask(Task):  # type: ignore[type-arg]
 
     def retry(self, exc: BaseException | None = None, cooldown: float | None = None,  # type: ignore[override]
               replacement_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
-              metadata: Mapping[str, Any] | None = None) -> Exception:
+              metadata: Mapping[str, Any] | None = None, *, countdown: float | None = None,
+              max_retries: int | None = None) -> Exception:
         """Return the exception to raise to replay this instance after ``cooldown`` seconds.
 
         ``raise self.retry(exc=exc, cooldown=10)``: the running instance becomes
         ``replayed`` and a copy (``#n+1``, with ``replacement_kwargs`` if given) is
         scheduled. Past ``max_retries`` it returns a MaxRetriesExceeded, and the
-        instance fails with it.
+        instance fails with it. As in Celery, ``countdown=`` is accepted for
+        ``cooldown`` and ``max_retries=`` overrides the task's for this call.
         """
+        if countdown is not None:
+            if cooldown is not None and cooldown != countdown:
+                return InvalidArgument(f"retry() got cooldown={cooldown!r} and countdown="
+                                       f"{countdown!r}; they are the same thing: pass one")
+            cooldown = countdown
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 0):
+            return InvalidArgument(f"retry() max_retries must be an integer >= 0 or None, "
+                                   f"got {limit!r}")
         depth = int(getattr(self.request, "retries", 0) or 0)
-        if self.max_retries is not None and depth >= self.max_retries:
+        if limit is not None and depth >= limit:
             error = MaxRetriesExceeded(
-                f"{self.name} retried {depth} times; max_retries is {self.max_retries}"
+                f"{self.name} retried {depth} times; max_retries is {limit}"
                 + (f" (last error: {type(exc).__name__}: {exc})" if exc else "")
             )
             error.__cause__ = exc

@@ -198,6 +198,16 @@ class RetryLater(TriggerTask):
         return {"depth": self.request.retries}
 
 
+class RetryCeleryStyle(TriggerTask):
+    """Always retries, with Celery's argument names (countdown, max_retries)."""
+
+    name = "tests.RetryCeleryStyle"
+
+    def _run(self, context):
+        options = context.trigger_kwargs.get("go", {})
+        raise self.retry(exc=ValueError("flaky"), **options)
+
+
 class PassThru(TriggerTask):
     """Returns the kwargs it received under ``kwargs`` (the original's PassThruTask)."""
 
