@@ -234,7 +234,8 @@ def test_max_workers_limits_the_whole_flow(workers, expected_max):
     ev = evr.Flow(name=unique(), store=":memory:", config={"max_workers": workers})
     go = ev.add_event("go")
     for n in range(6):
-        ev.add_assoc(go, ev.add_step(f"s{n}", rec.prog, kwargs={"progname": n, "sleep": 0.15}))
+        # Long enough that all six overlap even on a loaded machine.
+        ev.add_assoc(go, ev.add_step(f"s{n}", rec.prog, kwargs={"progname": n, "sleep": 0.5}))
     ev.trigger_event(go)
     assert ev()
     assert sorted(rec.calls) == list(range(6))

@@ -159,7 +159,14 @@ class DispatchError(TriggersError, RuntimeError):
 
 
 class StorageError(TriggersError, RuntimeError):
-    """The storage backend failed to read or write session state."""
+    """The storage backend failed to read or write session state.
+
+    ``step_token`` is set when the step may or may not have been applied (the reply
+    of its commit was lost, and the store could not say in time):
+    :meth:`~triggers.storages.base.BaseTriggerStorage.step_applied` tells later.
+    """
+
+    step_token: str | None = None
 
 
 class CorruptSessionState(StorageError, ValueError):

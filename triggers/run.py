@@ -47,6 +47,7 @@ from triggers import _json as stored_json
 from triggers.exceptions import (
     InstanceNotFound,
     InvalidTrigger,
+    StorageError,
 )
 from triggers.retrying import GaveUp, is_transient, retry_transient
 from triggers.storages.base import SessionStep, Want
@@ -339,26 +340,36 @@ class Run:
         prefetch = Want(instances=[self.instance.name], triggers=[self.instance.task_name])
         if want is not None:
             prefetch.counters |= want.counters
-        # What each attempt fired, by the mark it wrote on the instance: when an attempt's
-        # reply was lost (applied or not, unknown), the next one tells by the mark.
+        # What each attempt fired, by its step's token: when an attempt's reply was lost
+        # and the store could not say whether it was applied, the next attempt asks.
         attempts: dict[str, list[Any]] = {}
+        unresolved: list[str] = []
 
         def step_function(step: SessionStep) -> list[Any] | None:
             self.manager.observe_step(step)
             instance = step.instance(self.instance.name)
             if instance.status != STATUS_RUNNING or instance.metadata.get("run") != self.token:
-                return attempts.get(str(instance.metadata.get("recorded_by")))
+                return None
             apply(step, instance)
-            mark = f"{self.token}:{secrets.token_hex(3)}"
-            instance.metadata["recorded_by"] = mark
-            step.save(instance)
-            attempts[mark] = step.fired
+            attempts[step.token] = step.fired
             return step.fired
 
+        def attempt() -> list[Any] | None:
+            while unresolved:
+                applied = storage.step_applied(unresolved[0])
+                token = unresolved.pop(0)
+                if applied:
+                    return attempts[token]
+            try:
+                return storage.transact(step_function, prefetch)
+            except StorageError as exc:
+                if exc.step_token in attempts:
+                    unresolved.append(exc.step_token)
+                raise
+
         try:
-            fired = _retrying(lambda: storage.transact(step_function, prefetch),
-                              f"record the outcome of {self.instance.name} in session "
-                              f"{storage.uid!r}", self.keep_alive)
+            fired = _retrying(attempt, f"record the outcome of {self.instance.name} in "
+                              f"session {storage.uid!r}", self.keep_alive)
         except InstanceNotFound:
             logger.error("The outcome (%s) of run %s of %s is lost: session %r does not "
                          "have the instance any more (deleted, or expired from its store).",

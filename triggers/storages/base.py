@@ -722,6 +722,12 @@ class BaseTriggerStorage:
     #: other storages' fires wait for it to commit (see :meth:`caller_transaction`).
     joins_transactions: bool = False
 
+    def step_applied(self, token: str) -> bool | None:
+        """Whether the step whose commit raised a :class:`StorageError` with this
+        ``step_token`` was applied (``None``: this storage cannot tell). A step found not
+        applied never will be."""
+        return None
+
     def joins_transaction(self, alias: str) -> bool:
         """Whether this storage's steps join a transaction of database ``alias``: then a
         fire inside it is applied at once, and undone if it rolls back."""

@@ -146,6 +146,9 @@ class CacheStorageBackend(RecordStorage):
         events: list[dict[str, Any]] = self._get(["h"]).get("h") or []
         return events[-limit:] if limit else events
 
+    def step_applied(self, token: str) -> bool | None:
+        return self.engine.step_applied(token) if self.engine is not None else None
+
     def delete(self) -> None:
         """Remove everything this session stored."""
         if self.engine is not None:

@@ -229,7 +229,10 @@ if timeout > 0 and (open <= 0 or open - delta <= 0) then
     if open <= 0 then redis.call('EXPIRE', k, timeout) else redis.call('PERSIST', k) end
   end
 end
-if not (timeout > 0 and open <= 0) then redis.call('PERSIST', KEYS[9]) end
+-- The tokens matter for ``window`` ms after the last step: then they go (or with the
+-- rest of an idle session, if that expires sooner).
+if timeout > 0 and open <= 0 then window = math.min(window, timeout * 1000) end
+redis.call('PEXPIRE', KEYS[9], window)
 return 'ok'
 """
 
@@ -533,6 +536,16 @@ class RedisEngine:
                                   "number; nothing was written")
         return outcome == "ok"
 
+    def step_applied(self, token: str) -> bool:
+        """Whether the step that wrote ``token`` was applied; if not, it never will be
+        (the check fences the token)."""
+        try:
+            outcome = _text(self._resolve(keys=[self.key("t")],
+                                          args=[token, self.token_window_ms()]))
+        except Exception as exc:  # noqa: BLE001 - a transient error: ask again later
+            raise self.failed(exc) from exc
+        return outcome == "applied"
+
     def token_window_ms(self) -> int:
         """How long the tokens of applied steps are kept: longer than any resolve takes."""
         return int(max(TOKEN_WINDOW, 4 * self.storage.lock_timeout) * 1000)
@@ -561,9 +574,11 @@ class RedisEngine:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 unknown = exc
                 if time.monotonic() + delay > deadline:
-                    raise self.failed(
+                    error = self.failed(
                         unknown, " The step may or may not have been applied; retry it with an "
-                        "idempotency key to make the retry safe.") from exc
+                        "idempotency key to make the retry safe.")
+                    error.step_token = token
+                    raise error from exc
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 1.0)
                 continue
@@ -771,6 +786,9 @@ class RedisStorageBackend(BaseTriggerStorage):
 
     def delete(self) -> None:
         self.engine.delete()
+
+    def step_applied(self, token: str) -> bool | None:
+        return self.engine.step_applied(token)
 
     def _session_lock(self) -> Any:
         return self.engine.lock(self.lock_expire, self.lock_timeout).hold()
