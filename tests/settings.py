@@ -115,3 +115,10 @@ LOGGING = {
 
 if os.environ.get("TRIGGERS_TEST_LEASE"):  # a worker started with a short lease
     TRIGGERS = {"LEASE": float(os.environ["TRIGGERS_TEST_LEASE"])}
+if os.environ.get("TRIGGERS_TEST_SETTINGS"):  # a child process with settings of its own
+    import json
+
+    TRIGGERS = {**globals().get("TRIGGERS", {}), **json.loads(os.environ["TRIGGERS_TEST_SETTINGS"])}
+if os.environ.get("TRIGGERS_TEST_ACKS_LATE"):  # a worker with the recommended Celery settings
+    CELERY_TASK_ACKS_LATE = True
+    CELERY_TASK_REJECT_ON_WORKER_LOST = True

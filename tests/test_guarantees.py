@@ -227,20 +227,20 @@ def test_a_commit_whose_reply_is_lost_resolves_itself(applied, uid):
     storage = make_storage("redis", uid)
     manager = TriggerManager(storage)
     manager.update_configuration(IDEM_CONFIG)
-    real = storage.engine._commit
+    real = storage.engine._commit_indexed
     broken = []
 
-    def lose_the_reply(keys, args):
+    def lose_the_reply(keys, args, due):
         if not broken:
             broken.append(1)
             if applied:
-                real(keys=keys, args=args)
+                real(keys, args, due)
             raise redis.ConnectionError("Connection closed by server (simulated).")
-        return real(keys=keys, args=args)
+        return real(keys, args, due)
 
-    storage.engine._commit = lose_the_reply
+    storage.engine._commit_indexed = lose_the_reply
     scheduled = manager.fire("page", {"n": 1})
-    storage.engine._commit = real
+    storage.engine._commit_indexed = real
     ThreadingTaskRunner.join_all()
     assert broken == [1]
     assert [i.name for i in scheduled] == ["t_page#0"]
@@ -254,15 +254,15 @@ def test_a_commit_still_in_flight_after_the_check_is_refused(uid):
     manager.update_configuration(IDEM_CONFIG)
     engine = storage.engine
     sent = {}
-    real = engine._commit
+    real = engine._commit_indexed
 
-    def capture(keys, args):
+    def capture(keys, args, due):
         sent.update(keys=keys, args=args)
-        return real(keys=keys, args=args)
+        return real(keys, args, due)
 
-    engine._commit = capture
+    engine._commit_indexed = capture
     manager.fire("page", {"n": 1})
-    engine._commit = real
+    engine._commit_indexed = real
     token = "f" * 16
     request = json.loads(sent["args"][0])
     request[1] = token
@@ -281,19 +281,19 @@ def test_a_lost_reply_is_resolved_however_many_steps_followed(uid, monkeypatch):
     manager = TriggerManager(storage)
     manager.update_configuration(IDEM_CONFIG)
     others = TriggerManager(make_storage("redis", uid))
-    real = storage.engine._commit
+    real = storage.engine._commit_indexed
     broken = []
 
-    def lose_the_reply(keys, args):
+    def lose_the_reply(keys, args, due):
         if not broken:
             broken.append(1)
-            real(keys=keys, args=args)
+            real(keys, args, due)
             for n in range(300):  # other processes keep firing meanwhile
                 others.fire("page", {"other": n})
             raise redis.ConnectionError("reply lost (simulated)")
-        return real(keys=keys, args=args)
+        return real(keys, args, due)
 
-    storage.engine._commit = lose_the_reply
+    storage.engine._commit_indexed = lose_the_reply
     manager.fire("page", {"mine": 1})
     pages = [instance.kwargs["page"] for instance in storage.instances_of_task("t_page")]
     assert len([page for page in pages if "mine" in page]) == 1

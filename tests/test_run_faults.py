@@ -14,23 +14,23 @@ from triggers.run import Run
 def _lose_one_reply(storage, down_for: float) -> dict:
     """The next commit is applied but its reply lost; resolving it fails for ``down_for`` s."""
     engine = storage.engine
-    real_commit, real_resolve = engine._commit, engine._resolve
+    real_commit, real_resolve = engine._commit_indexed, engine._resolve
     state: dict = {"until": None}
 
-    def commit(keys, args):
+    def commit(keys, args, due):
         if state["until"] is None:
-            real_commit(keys=keys, args=args)
+            real_commit(keys, args, due)
             state["until"] = time.monotonic() + down_for
             raise redis.ConnectionError("reply lost (simulated)")
-        return real_commit(keys=keys, args=args)
+        return real_commit(keys, args, due)
 
     def resolve(keys, args):
         if time.monotonic() < state["until"]:
             raise redis.ConnectionError("still unreachable (simulated)")
         return real_resolve(keys=keys, args=args)
 
-    engine._commit, engine._resolve = commit, resolve
-    state["restore"] = lambda: (setattr(engine, "_commit", real_commit),
+    engine._commit_indexed, engine._resolve = commit, resolve
+    state["restore"] = lambda: (setattr(engine, "_commit_indexed", real_commit),
                                 setattr(engine, "_resolve", real_resolve))
     return state
 
@@ -178,7 +178,7 @@ def test_a_fire_deferred_to_the_commit_survives_a_connection_reset(uid, dispatch
     manager = TriggerManager(storage)
     manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
     engine = storage.engine
-    real_read, real_commit = engine._read, engine._commit
+    real_read, real_commit = engine._read, engine._commit_indexed
     calls = []
 
     def read(keys, args):
@@ -187,14 +187,14 @@ def test_a_fire_deferred_to_the_commit_survives_a_connection_reset(uid, dispatch
             raise redis.ConnectionError("Connection reset by peer (simulated)")
         return real_read(keys=keys, args=args)
 
-    def commit(keys, args):
+    def commit(keys, args, due):
         calls.append("commit")
         if calls.count("commit") == 1:  # and the reply of the first commit is lost
-            real_commit(keys=keys, args=args)
+            real_commit(keys, args, due)
             raise redis.ConnectionError("reply lost (simulated)")
-        return real_commit(keys=keys, args=args)
+        return real_commit(keys, args, due)
 
-    engine._read, engine._commit = read, commit
+    engine._read, engine._commit_indexed = read, commit
     engine._resolve = lambda keys, args: (_ for _ in ()).throw(
         redis.ConnectionError("still unreachable (simulated)"))
     storage.lock_timeout = 0.2

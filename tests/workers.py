@@ -30,8 +30,9 @@ def broker_reachable(timeout=3.0):
 class Worker:
     """A `celery worker` process (prefork pool) consuming this test run's queues."""
 
-    def __init__(self, concurrency=4, queues=None, extra_args=(), lease=None):
+    def __init__(self, concurrency=4, queues=None, extra_args=(), lease=None, acks_late=False):
         self.lease = lease  # TRIGGERS['LEASE'] of the worker, if not the default
+        self.acks_late = acks_late  # task_acks_late and task_reject_on_worker_lost
         self.name = f"w{uuid.uuid4().hex[:6]}@%h"
         self.queues = queues or [settings.TEST_QUEUE, f"{settings.TEST_QUEUE}-routed"]
         self.concurrency = concurrency
@@ -55,6 +56,8 @@ class Worker:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         if self.lease is not None:
             env["TRIGGERS_TEST_LEASE"] = str(self.lease)
+        if self.acks_late:
+            env["TRIGGERS_TEST_ACKS_LATE"] = "1"
         command = [
             sys.executable, "-m", "celery", "-A", "tests.celery", "worker",
             "--pool", "prefork", "--concurrency", str(self.concurrency),
@@ -103,6 +106,49 @@ class Worker:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+class Sweeper:
+    """A ``manage.py triggers sweep --loop`` process (as deployments without beat run it)."""
+
+    def __init__(self, interval=0.5, storage="cache", settings_json=None, env=None):
+        self.command = [sys.executable, "manage.py", "triggers", "sweep", "--loop",
+                        "--interval", str(interval), "--storage", storage]
+        self.env = dict(os.environ)
+        self.env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+        self.env["TRIGGERS_TEST_QUEUE"] = settings.TEST_QUEUE
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
+                                                             self.env.get("PYTHONPATH")]))
+        if settings_json:
+            self.env["TRIGGERS_TEST_SETTINGS"] = settings_json
+        self.env.update(env or {})
+        handle, path = tempfile.mkstemp(prefix="triggers-sweep-", suffix=".log")
+        os.close(handle)
+        self.log_path = Path(path)
+        self.process = None
+
+    def start(self):
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        return self
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(10)
 
 
 def wait_for(predicate, timeout=30, interval=0.05, message="condition"):

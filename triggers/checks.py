@@ -97,7 +97,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             errors.append(checks.Error(
                 f"TRIGGERS['{setting}'] must be a whole number >= 0, got {value!r}.",
                 hint=f"The default is {DEFAULTS[setting]!r}.", id="triggers.E008"))
-    for setting in ("LOCK_EXPIRE", "LOCK_TIMEOUT", "RECOVER_AFTER", "LEASE", "OUTCOME_RETRY"):
+    for setting in ("LOCK_EXPIRE", "LOCK_TIMEOUT", "RECOVER_AFTER", "LEASE", "OUTCOME_RETRY",
+                    "DISPATCH_GRACE", "MAX_COUNTDOWN", "SWEEP_INTERVAL"):
         if setting not in DEFAULTS:
             continue
         value = getattr(s, setting)

@@ -49,6 +49,14 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a running instance's lease lasts; a heartbeat renews it every third of that
     # while _run executes. Only an instance whose lease expired can be taken over.
     "LEASE": 60,
+    # Seconds a scheduled instance may take to start before the sweep sends it again (its
+    # message was lost?); later sends wait twice as long each time.
+    "DISPATCH_GRACE": 10,
+    # The longest countdown a message is sent with: a later start is kept in the store and
+    # sent by the sweep that much before it (brokers cap how long a message may wait).
+    "MAX_COUNTDOWN": 600,
+    # Seconds between two passes of ``manage.py triggers sweep --loop``.
+    "SWEEP_INTERVAL": 5,
     # Seconds a run keeps retrying to record its outcome through transient storage errors
     # before it spools the outcome locally (see triggers.run).
     "OUTCOME_RETRY": 60,

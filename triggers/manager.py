@@ -36,6 +36,7 @@ from triggers.registry import TriggersRegistry
 from triggers.retrying import GaveUp, retry_transient
 from triggers.storages import storage_backends
 from triggers.storages.base import BaseTriggerStorage, SessionStep, Want
+from triggers.timers import dispatch_grace, due_at, redispatch_backoff, sent_later
 from triggers.types import (
     DIRECTIVE_ON_COMPLETE,
     DIRECTIVE_ON_FAILURE,
@@ -362,6 +363,77 @@ class TriggerManager:
         self._send_step_signals()
         self.storage.on_commit(lambda: self.dispatch(stuck))
         return stuck
+
+    def sweep(self) -> tuple[list[tuple[TaskInstance, str]], float | None]:
+        """Do this session's time-driven work that is due (see :mod:`triggers.timers`).
+
+        Scheduled instances whose dispatch is owed are sent again (then after twice
+        the wait, and so on); those whose start was too far away for a countdown are
+        sent when it is ``TRIGGERS['MAX_COUNTDOWN']`` away; running ones whose lease
+        expired (their worker died) are taken over: back to ``scheduled``, the old run
+        can no longer record an outcome, and sent again. Each is recorded in the
+        session history (``redispatched``, ``timer``, ``takeover``) and logged.
+
+        Returns each instance sent with what it was (``redispatched``, ``timer`` or
+        ``takeover``), and when the session next has due work (``None``:
+        nothing open is time-driven). :func:`triggers.sweep.sweep` calls this for the
+        sessions that the storage's due index says are due.
+        """
+        stamp = now()
+        sent: list[tuple[TaskInstance, str]] = []
+
+        def due_work(step: SessionStep) -> float | None:
+            self.observe_step(step)
+            sent.clear()
+            if not step.tasks:
+                return None  # the session is gone (deleted, or expired when idle)
+            step.swept = True  # see triggers.storages.redis.DueIndex
+            next_due: float | None = None
+            for instance in step.open_instances():
+                due = due_at(instance)
+                if due is not None and due <= stamp:
+                    metadata = instance.metadata
+                    if instance.status == STATUS_RUNNING:
+                        run = metadata.pop("run", None)
+                        instance.set_status(STATUS_SCHEDULED, scheduled=stamp,
+                                            recovered_from="running", expired_run=run,
+                                            recoveries=int(metadata.get("recoveries", 0)) + 1)
+                        kind = "takeover"
+                    elif sent_later(instance):
+                        metadata["redispatch_at"] = round(
+                            float(instance.start_after or stamp) + dispatch_grace(), 3)
+                        kind = "timer"
+                    else:
+                        sends = int(metadata.get("redispatches", 0)) + 1
+                        metadata["redispatches"] = sends
+                        metadata["redispatch_at"] = round(stamp + redispatch_backoff(sends), 3)
+                        kind = "redispatched"
+                    step.save(instance)
+                    step.note(instance, kind)
+                    sent.append((instance, kind))
+                    due = due_at(instance)
+                if due is not None and (next_due is None or due < next_due):
+                    next_due = due
+            return next_due
+
+        next_due: float | None = self.storage.transact(due_work)
+        for instance, kind in sent:
+            if kind == "takeover":
+                logger.warning("Taking over %s of session %r: the lease of run %s expired (its "
+                               "worker died?); sending it again.", instance.name,
+                               self.storage.uid, instance.metadata.get("expired_run"))
+            elif kind == "timer":
+                logger.info("Sending %s of session %r: it starts in %.0f s.", instance.name,
+                            self.storage.uid, float(instance.start_after or stamp) - now())
+            else:
+                logger.warning("Sending %s of session %r again: scheduled at %s and not started "
+                               "(its message was lost?); send #%s.", instance.name,
+                               self.storage.uid, instance.metadata.get("scheduled"),
+                               instance.metadata.get("redispatches"))
+        instances = [instance for instance, _kind in sent]
+        self._send_step_signals()
+        self.storage.on_commit(lambda: self.dispatch(instances))
+        return list(sent), next_due
 
     def recovery_run(
         self, older_than: float = 0.0,

@@ -55,6 +55,8 @@ class TriggerInstance(models.Model):
                                 decoder=stored_json.Decoder)
     #: The ``unless`` triggers that reached the instance (TaskInstance.abandon_state).
     unless = models.JSONField(default=list)
+    #: When the sweep must next look at it (epoch seconds; see triggers.timers), or null.
+    due = models.FloatField(null=True, blank=True)
     created = models.DateTimeField(auto_now_add=True)
     modified = models.DateTimeField(auto_now=True)
 
@@ -75,6 +77,9 @@ class TriggerInstance(models.Model):
             models.Index(fields=["session", "task_name"], condition=models.Q(delayed=True),
                          name="triggers_instance_delayed"),
             models.Index(fields=["status"], name="triggers_instance_status"),
+            # The due index of the sweep: only instances with time-driven work.
+            models.Index(fields=["due"], condition=models.Q(due__isnull=False),
+                         name="triggers_instance_due"),
         ]
 
     def __str__(self) -> str:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from triggers.exceptions import DispatchError, UnknownTask
 from triggers.registry import TriggersRegistry
+from triggers.timers import max_countdown, sent_later
 from triggers.types import TaskInstance
 
 if TYPE_CHECKING:
@@ -146,6 +147,13 @@ class CeleryTaskRunner(BaseTaskRunner):
     name = "celery"
 
     def run(self, manager: TriggerManager, task_instance: TaskInstance) -> None:
+        if sent_later(task_instance):
+            # Brokers cap how long a message may wait: it stays in the store, and the
+            # sweep sends it TRIGGERS['MAX_COUNTDOWN'] seconds before its start.
+            logger.info("Keeping %s of session %r in the store until %.0f s before it starts "
+                        "(the sweep sends it).", task_instance.name, manager.storage.uid,
+                        max_countdown())
+            return
         message = manager.build_task_message(task_instance)
         wait = _seconds_to_wait(task_instance)
         options: dict[str, Any] = {"countdown": wait} if wait > 0 else {}

@@ -47,6 +47,7 @@ __all__ = [
     "SkipInstance",
     "TaskContext",
     "TriggerTask",
+    "register_with_apps",
 ]
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class TriggerTask(Task):  # type: ignore[type-arg]
             return
         if not cls.__dict__.get("name"):
             cls.name = f"{cls.__module__}.{cls.__name__}"
-        _register_with_apps(cls)
+        register_with_apps(cls)
 
     # -- Celery entry point ---------------------------------------------------
 
@@ -282,8 +283,9 @@ def _result_kwargs(result: Any, instance: TaskInstance) -> dict[str, Any]:
     return cascade
 
 
-def _register_with_apps(cls: type[TriggerTask]) -> None:
-    """Register a TriggerTask subclass with every Celery app, as ``shared_task`` does."""
+def register_with_apps(cls: type[Task]) -> None:  # type: ignore[type-arg]
+    """Register a task class (its ``name``) with every Celery app, as ``shared_task`` does,
+    without finalizing any app."""
 
     def register(app: Any) -> None:
         # app._tasks, not app.tasks: this runs while the app finalizes.

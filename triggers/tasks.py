@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import signals
+from celery import Task, signals
 
 from triggers.exceptions import UnknownTask
-from triggers.task import TaskContext, TriggerTask
+from triggers.task import TaskContext, TriggerTask, register_with_apps
 
-__all__ = ["Noop"]
+__all__ = ["Noop", "Sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +64,22 @@ def fail_unregistered_instance(sender: Any = None, message: Any = None, name: st
     except Exception:  # noqa: BLE001 - never break the worker's consumer
         logger.exception("Could not record that %s of session %r has no registered task %r",
                          fields["instance"], fields["uid"], name)
+
+
+
+class Sweep(Task):  # type: ignore[type-arg]
+    """``triggers.sweep``: one pass of :func:`triggers.sweep.sweep`, to schedule with Celery
+    beat (see :mod:`triggers.sweep`)."""
+
+    name = "triggers.sweep"
+    ignore_result = True
+
+    def run(self, storage: str | None = None, limit: int = 1000) -> dict[str, Any]:
+        from triggers.sweep import sweep
+
+        report = sweep(storage, limit=limit)
+        return {"sessions": report.sessions, "sent": len(report.sent),
+                "outcomes": report.outcomes, "errors": len(report.errors)}
+
+
+register_with_apps(Sweep)

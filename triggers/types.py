@@ -504,6 +504,10 @@ class TaskInstance:
             self.metadata.pop("run", None)
         if self.status != TaskStatus.RUNNING:
             self.metadata.pop("lease", None)  # a lease is a running instance's
+        if "redispatch_at" not in metadata:
+            # Owed dispatches count from the latest change (see triggers.timers).
+            self.metadata.pop("redispatch_at", None)
+            self.metadata.pop("redispatches", None)
         if not self.metadata.get("log_level"):
             self.metadata.pop("log_level", None)
 

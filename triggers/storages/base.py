@@ -201,6 +201,16 @@ class StorageContract(Protocol):
     def hook_lock(self) -> AbstractContextManager[Any]:
         """The lock under which a manager runs this session's hooks."""
 
+    @classmethod
+    def due_sessions(cls, until: float, limit: int, **options: Any) -> Iterable[str]:
+        """UIDs of sessions with time-driven work due by ``until`` (see
+        :mod:`triggers.timers`), at most ``limit``, claimed for one sweep: a concurrent
+        sweep does not get them again until :meth:`swept` (or a claim period) passes."""
+
+    def swept(self, next_due: float | None, until: float) -> None:
+        """After a sweep of this session claimed by ``due_sessions(until, …)``: when it
+        next has due work (``None``: no open instance has a due time)."""
+
 
 class SessionStep:
     """The working view of one atomic step.
@@ -247,6 +257,9 @@ class SessionStep:
         self._events: list[dict[str, Any]] = []
         #: Triggers applied in this step, in order, with the instances each scheduled.
         self.fired: list[tuple[str, list[TaskInstance]]] = []
+        #: A sweep's step: it commits even when it changed nothing, so that a step that
+        #: ran alongside it and indexed new due work must run again (see triggers.sweep).
+        self.swept = False
 
     # -- loading (called by backends) -----------------------------------------
 
@@ -530,7 +543,7 @@ class SessionStep:
     @property
     def changed(self) -> bool:
         return bool(self._dirty or self._set_latest or self._set_counters or self._set_meta
-                    or self._idem_new or self._new_config is not None)
+                    or self._idem_new or self._new_config is not None or self.swept)
 
     # -- what a backend commits ---------------------------------------------------
 
@@ -1043,6 +1056,16 @@ class BaseTriggerStorage:
     @classmethod
     def session_uids(cls, **options: Any) -> Iterable[str]:
         raise NotImplementedError(f"{cls.__name__} cannot list its sessions")
+
+    @classmethod
+    def due_sessions(cls, until: float, limit: int, **options: Any) -> Iterable[str]:
+        """Without a due index: every session (the sweep looks at each of them; its cost
+        grows with the number of sessions). The bundled database and Redis storages
+        keep an index: their cost is that of the work that is due."""
+        return cls.session_uids(**options)
+
+    def swept(self, next_due: float | None, until: float) -> None:
+        """Nothing to do without a due index."""
 
     def _load(self) -> None:
         try:

@@ -34,7 +34,7 @@ from triggers.storages.base import (
     history_limit,
     idempotency_limit,
 )
-from triggers.storages.redis import RedisEngine, locked_step, scan_uids
+from triggers.storages.redis import DueIndex, RedisEngine, locked_step, scan_uids
 
 __all__ = ["CacheStorageBackend"]
 
@@ -161,6 +161,23 @@ class CacheStorageBackend(RecordStorage):
         else:
             keys += ["y:" + key for key in self._get(["yl"]).get("yl") or []]
         self.cache.delete_many([self._prefix + key for key in keys])
+
+    @classmethod
+    def due_sessions(cls, until: float, limit: int, cache: str = "default",
+                     **options: Any) -> Iterable[str]:
+        """On Redis, the sessions with work due by ``until`` from the due index; on other
+        caches, every session (they keep no index)."""
+        from django.core.cache import caches
+
+        backend = caches[cache]
+        client = redis_client_for_cache(backend)
+        if client is None:
+            return cls.session_uids(cache=cache, **options)
+        return DueIndex(client, str(backend.make_key("triggers:"))).claim(until, limit)
+
+    def swept(self, next_due: float | None, until: float) -> None:
+        if self.engine is not None:
+            self.engine.index.swept(self.uid, next_due, until)
 
     @classmethod
     def session_uids(cls, cache: str = "default", **_options: Any) -> Iterator[str]:

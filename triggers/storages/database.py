@@ -41,6 +41,7 @@ from triggers.storages.base import (
     history_limit,
     idempotency_limit,
 )
+from triggers.timers import due_at
 
 __all__ = ["DatabaseLock", "DatabaseStorageBackend"]
 
@@ -304,14 +305,14 @@ class DatabaseStorageBackend(RecordStorage):
                     waiting=place == records.PLACE_WAITING,
                     delayed=place == records.PLACE_DELAYED, resolved=instance.is_resolved,
                     kwargs=instance.kwargs, metadata=instance.metadata,
-                    unless=sorted(instance.abandon_state),
+                    unless=sorted(instance.abandon_state), due=due_at(instance),
                 )
                 for instance, _before, place in step.moves()
             ]
             instance_model.objects.using(self.using).bulk_create(
                 rows, update_conflicts=True, unique_fields=["session", "name"],
                 update_fields=["status", "waiting", "delayed", "resolved", "kwargs", "metadata",
-                               "unless", "modified"],
+                               "unless", "due", "modified"],
             )
         if step.new_idempotency:
             from triggers.models import TriggerIdempotencyKey
@@ -349,6 +350,28 @@ class DatabaseStorageBackend(RecordStorage):
         session_model = cls._models()[0]
         return list(session_model.objects.using(using).order_by("uid")
                     .values_list("uid", flat=True))
+
+    @classmethod
+    def due_sessions(cls, until: float, limit: int, using: str = "default",
+                     **_options: Any) -> list[str]:
+        """Sessions with an instance due by ``until``, soonest first (the partial index on
+        ``due`` holds only instances with time-driven work). Two sweeps may get the same
+        session: the session's row lock serializes their steps, and the second finds
+        nothing due any more."""
+        instance_model = cls._models()[1]
+        uids: list[str] = []
+        rows = (instance_model.objects.using(using).filter(due__lte=until).order_by("due")
+                .values_list("session_id", flat=True))
+        offset = 0
+        while len(uids) < limit:
+            batch = list(rows[offset:offset + limit])
+            for uid in batch:
+                if uid not in uids:
+                    uids.append(uid)
+            if len(batch) < limit:
+                break
+            offset += limit
+        return uids[:limit]
 
     def delete(self) -> None:
         """Remove everything this session stored."""

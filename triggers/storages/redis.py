@@ -30,8 +30,10 @@ open), never while it has open work.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -52,9 +54,12 @@ from triggers.storages.base import (
     history_limit,
     idempotency_limit,
 )
+from triggers.timers import due_at
 from triggers.types import TaskInstance
 
-__all__ = ["RedisEngine", "RedisStorageBackend"]
+__all__ = ["DueIndex", "RedisEngine", "RedisStorageBackend"]
+
+logger = logging.getLogger(__name__)
 
 _READ = """
 local s, a, d = KEYS[1], KEYS[2], KEYS[3]
@@ -63,7 +68,7 @@ local A = cjson.decode(ARGV[1])
 local P = A[1]
 local i = 2
 local function take() local v = A[i]; i = i + 1; return v end
-local fields, seen, tasks, tseen, late, lseen = {'v'}, {v = true}, {}, {}, {}, {}
+local fields, seen, tasks, tseen, late, lseen = {'v', 'sw'}, {v = true, sw = true}, {}, {}, {}, {}
 local function field(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
 local function task(t)
   if not tseen[t] then tseen[t] = true; tasks[#tasks + 1] = t; field('n:' .. t); field('wv:' .. t) end
@@ -246,7 +251,80 @@ if kind == 'none' then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2])) end
 return 'absent'
 """
 
+_CLAIM = """
+local uids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, u in ipairs(uids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], u) end
+return uids
+"""
+
+_SWEPT = """
+local current, nxt = redis.call('ZSCORE', KEYS[1], ARGV[1]), ARGV[3]
+if current and tonumber(current) == tonumber(ARGV[2]) then
+  -- Unchanged since the claim: what the sweep found is the whole truth.
+  if nxt == '' then redis.call('ZREM', KEYS[1], ARGV[1])
+  else redis.call('ZADD', KEYS[1], nxt, ARGV[1]) end
+elseif nxt ~= '' then
+  -- A step indexed new work meanwhile: keep the sooner time.
+  redis.call('ZADD', KEYS[1], 'LT', nxt, ARGV[1])
+end
+return 1
+"""
+
 _S, _A, _D, _H, _C, _LOCK, _Y, _YL, _T = 1, 2, 3, 4, 5, 6, 7, 8, 9
+
+#: Shards of the due index: sorted sets ``<prefix>due:{<n>}`` (on Redis Cluster each on
+#: the slot of its own hash tag, so that no single key takes every write).
+DUE_SHARDS = 16
+#: Seconds a sweep's claim on a session lasts (a sweep that died is replaced after it).
+CLAIM_SECONDS = 60.0
+
+
+class DueIndex:
+    """The sessions with time-driven work, by when it is due (see :mod:`triggers.timers`).
+
+    A step that writes an instance with a due time adds its session with
+    ``ZADD … LT`` (only ever sooner), before its commit, in the same round trip on a
+    standalone server. A sweep claims the sessions that are due (moving them
+    :data:`CLAIM_SECONDS` ahead), does their work in a step that writes the
+    session's ``sw`` field — which every step reads and checks at commit, so a step
+    that indexed new work before the claim but commits after the sweep's step runs
+    again and indexes it again — and then sets the session's next due time, or
+    removes it.
+    """
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.cluster = type(client).__name__ == "RedisCluster"
+        self._claim = client.register_script(_CLAIM)
+        self._swept = client.register_script(_SWEPT)
+
+    def key(self, shard: int) -> str:
+        return f"{self.prefix}due:{{{shard}}}"
+
+    def key_of(self, uid: str) -> str:
+        return self.key(zlib.crc32(uid.encode("utf-8")) % DUE_SHARDS)
+
+    def claim(self, until: float, limit: int) -> list[str]:
+        uids: list[str] = []
+        first = random.randrange(DUE_SHARDS)  # no shard waits behind the others
+        for n in range(DUE_SHARDS):
+            if len(uids) >= limit:
+                break
+            found = self._claim(keys=[self.key((first + n) % DUE_SHARDS)],
+                                args=[repr(until), repr(until + CLAIM_SECONDS),
+                                      limit - len(uids)])
+            uids += [_text(uid) for uid in found]
+        return uids
+
+    def swept(self, uid: str, next_due: float | None, until: float) -> None:
+        self._swept(keys=[self.key_of(uid)],
+                    args=[uid, repr(until + CLAIM_SECONDS),
+                          "" if next_due is None else repr(next_due)])
+
+    def size(self) -> int:
+        """How many sessions the index holds (for tests and monitoring)."""
+        return sum(int(self.client.zcard(self.key(n))) for n in range(DUE_SHARDS))
 
 #: Seconds (at least) the token of an applied step is kept, however many steps follow.
 TOKEN_WINDOW = 120.0
@@ -274,6 +352,7 @@ class RedisEngine:
         self._read = client.register_script(_READ)
         self._commit = client.register_script(_COMMIT)
         self._resolve = client.register_script(_RESOLVE)
+        self.index = DueIndex(client, prefix[:len(prefix) - len(f"{{{self.uid}}}:")])
 
     # -- keys -------------------------------------------------------------------
 
@@ -518,13 +597,17 @@ class RedisEngine:
             writes += ["I", _S, field, 1]
         for key_name, names in step.new_idempotency.items():
             writes += ["S", _Y, key_name, records.dumps(names)]
+        if step.swept:
+            writes += ["S", _S, "sw", repr(time.time())]
         args += [_count_ops(writes), *writes]
         events = step.history()
         limit = history_limit()
         args += [len(events), limit, *[records.dumps(event) for event in events]]
         args += [len(step.new_idempotency), idempotency_limit(), *step.new_idempotency]
         args += [step.open_delta(), self.timeout or 0, self.prefix, self.token_window_ms()]
-        outcome = self._commit_or_resolve(keys, [records.dumps(args)], step.token)
+        dues = [due for due in map(due_at, step.dirty.values()) if due is not None]
+        outcome = self._commit_or_resolve(keys, [records.dumps(args)], step.token,
+                                          min(dues) if dues else None)
         if outcome == "locked":
             step.observed["locked"] = True
             return False
@@ -550,7 +633,32 @@ class RedisEngine:
         """How long the tokens of applied steps are kept: longer than any resolve takes."""
         return int(max(TOKEN_WINDOW, 4 * self.storage.lock_timeout) * 1000)
 
-    def _commit_or_resolve(self, keys: list[str], args: list[Any], token: str) -> str:
+    def _commit_indexed(self, keys: list[str], args: list[Any], due: float | None) -> str:
+        """Run the commit script, indexing the session's due work first (if any): in the
+        same round trip on a standalone server, in one before it on a cluster (another
+        slot)."""
+        if due is None:
+            return _text(self._commit(keys=keys, args=args))
+        if self.index.cluster:
+            self.index.client.zadd(self.index.key_of(self.uid), {self.uid: due}, lt=True)
+            return _text(self._commit(keys=keys, args=args))
+        from redis.exceptions import NoScriptError
+
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.index.key_of(self.uid), {self.uid: due}, lt=True)
+        pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+        indexed, outcome = pipe.execute(raise_on_error=False)
+        if isinstance(indexed, Exception):  # the commit ran all the same
+            logger.error("Could not index the due work of session %r in %s: %s", self.uid,
+                         self.index.key_of(self.uid), indexed)
+        if isinstance(outcome, NoScriptError):  # a restarted server: load the script
+            return _text(self._commit(keys=keys, args=args))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return _text(outcome)
+
+    def _commit_or_resolve(self, keys: list[str], args: list[Any], token: str,
+                           due: float | None = None) -> str:
         """Run the commit script; if the outcome is unknown (the connection broke after the
         script was sent), find out from the step's token whether it was applied.
 
@@ -560,7 +668,7 @@ class RedisEngine:
         import redis
 
         try:
-            return _text(self._commit(keys=keys, args=args))
+            return self._commit_indexed(keys, args, due)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             unknown: BaseException = exc
         except Exception as exc:  # noqa: BLE001 - any other client error: nothing was applied
@@ -802,6 +910,16 @@ class RedisStorageBackend(BaseTriggerStorage):
 
     def _hook_lock(self) -> BaseLock:
         return self.engine.hook_lock(self.lock_expire, self.lock_timeout)
+
+    @classmethod
+    def due_sessions(cls, until: float, limit: int, url: str = "redis://127.0.0.1:6379/0",
+                     cluster: bool = False, prefix: str = "triggers:",
+                     **_options: Any) -> list[str]:
+        """Sessions with work due by ``until``, claimed from the due index (see DueIndex)."""
+        return DueIndex(client_for(url, bool(cluster)), prefix).claim(until, limit)
+
+    def swept(self, next_due: float | None, until: float) -> None:
+        self.engine.index.swept(self.uid, next_due, until)
 
     @classmethod
     def session_uids(cls, url: str = "redis://127.0.0.1:6379/0", cluster: bool = False,

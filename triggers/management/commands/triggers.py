@@ -1,4 +1,5 @@
-"""``manage.py triggers``: inspect sessions, replay or skip failures, recover stuck instances.
+"""``manage.py triggers``: inspect sessions, replay or skip failures, recover stuck instances,
+sweep the due work.
 
 Every error ends the command with one line (``CommandError: …``) and exit status 1,
 without a traceback (``manage.py triggers --traceback …`` shows it); a usage error
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from typing import Any, NoReturn, TextIO, cast
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -187,6 +189,16 @@ class Command(BaseCommand):
                              help="seconds an instance must have been stuck "
                                   "(default: TRIGGERS['RECOVER_AFTER'])")
         common(recover)
+
+        sweep = sub.add_parser("sweep", help="do the time-driven work that is due: owed "
+                               "dispatches, timers, expired leases, spooled outcomes")
+        sweep.add_argument("--loop", action="store_true",
+                           help="sweep again every --interval seconds until stopped")
+        sweep.add_argument("--interval", type=float,
+                           help="seconds between passes (default: TRIGGERS['SWEEP_INTERVAL'])")
+        sweep.add_argument("--limit", type=int, default=1000,
+                           help="sessions one pass looks at, at most")
+        common(sweep)
 
         demo = sub.add_parser("demo", help="run the questionnaire demo workflow")
         demo.add_argument("--celery", action="store_true",
@@ -369,6 +381,32 @@ class Command(BaseCommand):
         if failures:
             raise CommandError(f"{len(failures)} session(s) could not be recovered: "
                                f"{', '.join(failures)}")
+
+    def do_sweep(self, options: dict[str, Any]) -> None:
+        from triggers.sweep import sweep
+
+        interval = options.get("interval")
+        if interval is not None and not interval > 0:
+            raise CommandError(f"--interval must be a positive number of seconds, got {interval}")
+        storage, storage_options = self.storage_key_and_options(options)
+        while True:
+            started = time.monotonic()
+            report = sweep(storage, limit=options["limit"], manager=options["manager"],
+                           **storage_options)
+            self.stdout.write(str(report))
+            for uid, name, kind in report.sent:
+                self.stdout.write(f"{uid}: {name} {kind}")
+            for uid, error in report.errors:
+                self.stderr.write(f"{uid}: not swept: {one_line(error)}")
+            self.stdout.flush()
+            if not options["loop"]:
+                if report.errors:
+                    raise CommandError(f"{len(report.errors)} session(s) could not be swept")
+                return
+            from triggers.conf import triggers_settings
+
+            pause = float(interval if interval is not None else triggers_settings.SWEEP_INTERVAL)
+            time.sleep(max(pause - (time.monotonic() - started), 0.0))
 
     def do_demo(self, options: dict[str, Any]) -> None:
         if options["celery"]:

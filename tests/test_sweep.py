@@ -1,0 +1,348 @@
+"""The sweep: owed dispatches, timers and expired leases, found through the due index.
+
+The first tests run over every bundled storage (the threading runner); the rest
+kill, delay or disconnect real processes: the firing process, Celery workers,
+the broker, and ``manage.py triggers sweep --loop`` processes, started and
+stopped by PID.
+"""
+
+import json
+import threading
+import time
+from io import StringIO
+
+import pytest
+from django.conf import settings as django_settings
+from django.core.management import call_command
+
+from tests.app.tasks import execution_key
+from tests.helpers import STORAGE_KINDS, make_storage
+from tests.test_faults import run_child
+from tests.workers import Sweeper, Worker, wait_for
+from triggers import CacheStorageBackend, TriggerManager
+from triggers.exceptions import InvalidArgument
+from triggers.runners import CeleryTaskRunner, ThreadingTaskRunner
+from triggers.sweep import sweep
+from triggers.timers import due_at, sent_later
+from triggers.types import now
+
+INDEXED = {"django_redis", "builtin_redis", "redis", "redis_cluster", "db_sqlite", "db_postgres"}
+CLAIMING = {"django_redis", "builtin_redis", "redis", "redis_cluster"}
+
+
+def _due(storage, until=None, limit=100_000):
+    cls = type(storage)
+    return set(cls.due_sessions(until or now(), limit, **storage.get_options()))
+
+
+def _events(storage):
+    return [event["event"] for event in storage.history()]
+
+
+@pytest.fixture
+def short_grace(settings):
+    settings.TRIGGERS = {**getattr(settings, "TRIGGERS", {}), "DISPATCH_GRACE": 0.3}
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("kind", [k for k in STORAGE_KINDS if k != "dict"])
+def test_a_lost_dispatch_is_owed_and_swept(kind, uid, short_grace, trigger_threading_runner,
+                                           monkeypatch):
+    """A scheduled instance whose message never left is indexed as due after the grace
+    period; the sweep sends it again, records it, and the session leaves the index."""
+    storage = make_storage(kind, uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"},
+                                  "t_idle": {"after": ["never"], "run": "tests.Echo"}})
+    with monkeypatch.context() as patch:  # the process "died" before sending
+        patch.setattr(ThreadingTaskRunner, "run", lambda self, manager, instance: None)
+        manager.fire("go", {"n": 1})
+    assert storage["t#0"].status.value == "scheduled"
+    if kind in INDEXED:
+        assert uid not in _due(storage)  # not owed before the grace period
+    time.sleep(0.4)
+    until = now()
+    assert uid in _due(storage, until)
+    if kind in CLAIMING:
+        assert uid not in _due(storage)  # claimed: a second sweep does not get it
+    sent, next_due = manager.sweep()
+    assert [(instance.name, what) for instance, what in sent] == [("t#0", "redispatched")]
+    assert next_due is not None  # owed again if this send is lost too (backing off)
+    storage.swept(next_due, until)
+    ThreadingTaskRunner.join_all()
+    assert storage["t#0"].status.value == "finished"
+    assert "redispatched" in _events(storage)
+    assert storage["t#0"].metadata.get("redispatches") is None  # struck off when it started
+    # Nothing open is time-driven any more: the database's index no longer holds the
+    # session; Redis's holds it until a sweep finds nothing and drops it.
+    time.sleep(max(next_due - now(), 0) + 0.05)
+    until = now()
+    assert (uid in _due(storage, until)) == (kind not in INDEXED or kind in CLAIMING)
+    assert manager.sweep() == ([], None)
+    storage.swept(None, until)
+    if kind in INDEXED:
+        assert uid not in _due(storage, until=now() + 3600)
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("kind", ["redis", "db_postgres"])
+def test_two_sweeps_at_once_send_each_instance_once(kind, uid, short_grace,
+                                                    trigger_threading_runner, monkeypatch):
+    storage = make_storage(kind, uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration({f"t{n}": {"after": ["go"], "run": "tests.Echo"}
+                                  for n in range(5)})
+    sends = []
+    guard = threading.Lock()
+
+    def record(self, manager, instance):
+        with guard:
+            sends.append(instance.name)
+
+    monkeypatch.setattr(ThreadingTaskRunner, "run", lambda self, manager, instance: None)
+    manager.fire("go")
+    time.sleep(0.4)
+    monkeypatch.setattr(ThreadingTaskRunner, "run", record)
+    barrier = threading.Barrier(4)
+    errors = []
+
+    def one_sweep():
+        from django.db import connections
+
+        try:
+            barrier.wait()
+            other = TriggerManager(type(storage)(uid, **storage.get_options()))
+            other.sweep()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=one_sweep) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert sorted(sends) == [f"t{n}#0" for n in range(5)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_due_times(uid, settings, trigger_threading_runner, monkeypatch):
+    """Due by time: an owed dispatch, a start too far for a countdown, a lease's end."""
+    settings.TRIGGERS = {"MAX_COUNTDOWN": 60, "DISPATCH_GRACE": 5}
+    monkeypatch.setattr(ThreadingTaskRunner, "run", lambda self, manager, instance: None)
+    storage = make_storage("redis", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t_far": {"after": ["go"], "run": "tests.Echo", "delay": 3600},
+                                  "t_near": {"after": ["go"], "run": "tests.Echo", "delay": 30}})
+    stamp = now()
+    manager.fire("go")
+    far, near = storage["t_far#0"], storage["t_near#0"]
+    assert sent_later(far) and not sent_later(near)
+    assert due_at(far) == pytest.approx(stamp + 3600 - 60, abs=2)
+    assert due_at(near) == pytest.approx(stamp + 30 + 5, abs=2)
+    # A running instance is due when its lease ends.
+    far.set_status("running", lease=stamp + 7, run="r1")
+    assert due_at(far) == stamp + 7
+    far.set_status("failed")
+    assert due_at(far) is None  # failed instances wait for a human
+
+
+def test_the_celery_runner_keeps_a_far_start_in_the_store(uid, settings, monkeypatch):
+    """A start further than MAX_COUNTDOWN is never sent with a countdown above it."""
+    settings.TRIGGERS = {"MAX_COUNTDOWN": 60}
+    sent = []
+    monkeypatch.setattr("celery.app.task.Task.apply_async",
+                        lambda self, *args, **kwargs: sent.append(kwargs.get("countdown")))
+    manager = TriggerManager(CacheStorageBackend(uid))
+    manager.update_configuration({
+        "t_far": {"after": ["go"], "run": "tests.Echo", "delay": 3600, "using": "celery"},
+        "t_near": {"after": ["go"], "run": "tests.Echo", "delay": 30, "using": "celery"}})
+    manager.fire("go")
+    assert len(sent) == 1 and 0 < sent[0] <= 30
+    # The sweep hands the far one over once it is MAX_COUNTDOWN away, with a countdown
+    # below the cap.
+    instance = manager.storage["t_far#0"]
+    instance.metadata["redispatch_at"] = instance.start_after + 5
+    assert not sent_later(instance)
+    CeleryTaskRunner().run(manager, instance)
+    assert len(sent) == 2 and sent[1] > 60  # sent directly: the sweep only does it when due
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_the_command_and_the_celery_task_sweep(uid, short_grace, monkeypatch):
+    from celery import current_app
+
+    manager = TriggerManager(CacheStorageBackend(uid))
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+    with monkeypatch.context() as patch:
+        patch.setattr(ThreadingTaskRunner, "run", lambda self, manager, instance: None)
+        manager.fire("go")
+    time.sleep(0.4)
+    out = StringIO()
+    call_command("triggers", "sweep", "--storage", "cache", stdout=out)
+    assert f"{uid}: t#0 redispatched" in out.getvalue()
+    assert out.getvalue().startswith("Swept ")
+    ThreadingTaskRunner.join_all()
+    assert manager.storage["t#0"].status.value == "finished"
+    result = current_app.tasks["triggers.sweep"].apply(kwargs={"storage": "cache"}).get()
+    assert set(result) == {"sessions", "sent", "outcomes", "errors"}
+    assert result["errors"] == 0
+
+
+def test_sweep_refuses_bad_input():
+    with pytest.raises(InvalidArgument, match="limit"):
+        sweep("memory", limit=0)
+    out = StringIO()
+    with pytest.raises(Exception, match="interval"):
+        call_command("triggers", "sweep", "--interval", "0", stdout=out)
+
+
+# -- real processes -------------------------------------------------------------------
+
+FAST = json.dumps({"DISPATCH_GRACE": 1})
+
+
+@pytest.fixture
+def counts():
+    import redis
+
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    return lambda uid, name: int(client.get(execution_key(uid, name)) or 0)
+
+
+def test_a_process_killed_between_commit_and_send_loses_nothing(uid, counts):
+    """The firing process dies right after its commit, before it sends the message: the
+    sweep sends it within the grace period, and it runs exactly once."""
+    child = run_child(f"""
+        import os, signal
+        from triggers import CacheStorageBackend, TriggerManager
+        manager = TriggerManager(CacheStorageBackend({uid!r}))
+        manager.update_configuration({{"t": {{"after": ["go"], "run": "tests.CountAlone"}}}})
+        TriggerManager.dispatch = lambda self, instances: os.kill(os.getpid(), signal.SIGKILL)
+        manager.fire("go")
+        print("not reached", flush=True)
+    """, TRIGGERS_TEST_SETTINGS=FAST)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode == -9, output
+    storage = CacheStorageBackend(uid)
+    alone = [f"{django_settings.TEST_QUEUE}-alone"]
+    worker = Worker(queues=alone).start()
+    sweeper = None
+    try:
+        time.sleep(1.5)  # past the grace period: no message was ever sent
+        assert storage["t#0"].status.value == "scheduled" and counts(uid, "t#0") == 0
+        sweeper = Sweeper(settings_json=FAST).start()
+        wait_for(lambda: storage["t#0"].status.value == "finished", timeout=30,
+                 message=f"the sweep to send t#0\n{sweeper.log()}")
+        time.sleep(2.5)  # a doubled send would have run by now
+    finally:
+        if sweeper is not None:
+            sweeper.stop()
+        worker.stop()
+    assert counts(uid, "t#0") == 1
+    assert "redispatched" in _events(storage)
+
+
+@pytest.mark.parametrize("acks_late", [False, True], ids=["acks_early", "acks_late"])
+def test_a_killed_worker_is_taken_over_automatically(uid, counts, acks_late):
+    """A worker SIGKILLed mid-task: with a sweep running, the instance runs again exactly
+    once, within about a lease, with no command run by hand (with Celery's acks_late the
+    broker also redelivers the message: still once)."""
+    alone = [f"{django_settings.TEST_QUEUE}-alone"]
+    doomed = Worker(concurrency=1, lease=3, queues=alone, acks_late=acks_late).start()
+    manager = TriggerManager(CacheStorageBackend(uid))
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.CountAlone"},
+                                  "t_next": {"after": ["t"], "run": "tests.Echo"}})
+    manager.fire("go", {"sleep": 4})
+    storage = manager.storage
+    try:
+        wait_for(lambda: storage["t#0"].status.value == "running", message="t#0 running")
+        doomed.kill()
+    finally:
+        doomed.stop()
+    killed_at = time.monotonic()
+    sweeper = Sweeper(settings_json=FAST).start()
+    rescuer = Worker(queues=[*alone, django_settings.TEST_QUEUE], acks_late=acks_late).start()
+    try:
+        wait_for(lambda: storage.instances.get("t_next#0") is not None
+                 and storage["t_next#0"].status.value == "finished", timeout=60,
+                 message=f"the takeover and its cascade\n{sweeper.log()}")
+        took = time.monotonic() - killed_at
+        time.sleep(2)  # a doubled start would have counted by now
+    finally:
+        sweeper.stop()
+        rescuer.stop()
+    assert counts(uid, "t#0") == 2  # the killed run, and one more
+    assert storage["t#0"].metadata["attempts"] == 2
+    assert "takeover" in _events(storage) or acks_late  # acks_late: the redelivery may win
+    assert took < 3 + 4 + 30  # lease + the task + worker start-up and sweep interval
+
+
+def test_a_delay_longer_than_the_countdown_cap_runs_once_at_its_time(uid, counts):
+    """MAX_COUNTDOWN 1 s and a 4 s delay: the message is not sent at fire time (a broker
+    would drop or redeliver a message waiting past its cap); the sweep hands it over
+    when due and it runs once, not before its start."""
+    settings_json = json.dumps({"DISPATCH_GRACE": 1, "MAX_COUNTDOWN": 1})
+    child = run_child(f"""
+        from triggers import CacheStorageBackend, TriggerManager
+        manager = TriggerManager(CacheStorageBackend({uid!r}))
+        manager.update_configuration({{"t": {{"after": ["go"], "run": "tests.CountAlone",
+                                              "delay": 4}}}})
+        manager.fire("go")
+    """, TRIGGERS_TEST_SETTINGS=settings_json)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode == 0, output
+    fired = time.time()
+    storage = CacheStorageBackend(uid)
+    alone = [f"{django_settings.TEST_QUEUE}-alone"]
+    worker = Worker(queues=alone).start()
+    sweeper = Sweeper(settings_json=settings_json).start()
+    try:
+        wait_for(lambda: storage["t#0"].status.value == "finished", timeout=40,
+                 message=f"the timer\n{sweeper.log()}")
+        time.sleep(2)
+    finally:
+        sweeper.stop()
+        worker.stop()
+    instance = storage["t#0"]
+    assert instance.metadata["started"] >= instance.start_after - 0.05
+    assert instance.metadata["started"] >= fired + 2  # not sent at fire time
+    assert counts(uid, "t#0") == 1
+    assert "timer" in _events(storage)
+
+
+def test_broker_down_during_a_sweep_is_retried(uid, counts):
+    """The sweep cannot reach the broker: the send is recorded as failed and owed again;
+    a later sweep (broker back) sends it, once."""
+    child = run_child(f"""
+        import os, signal
+        from triggers import CacheStorageBackend, TriggerManager
+        manager = TriggerManager(CacheStorageBackend({uid!r}))
+        manager.update_configuration({{"t": {{"after": ["go"], "run": "tests.CountAlone"}}}})
+        TriggerManager.dispatch = lambda self, instances: os.kill(os.getpid(), signal.SIGKILL)
+        manager.fire("go")
+    """, TRIGGERS_TEST_SETTINGS=FAST)
+    child.communicate(timeout=120)
+    storage = CacheStorageBackend(uid)
+    time.sleep(1.2)
+    down = Sweeper(settings_json=FAST,
+                   env={"TRIGGERS_TEST_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//"}).start()
+    try:
+        wait_for(lambda: "dispatch_error" in storage["t#0"].metadata, timeout=120,
+                 message=f"the failed send\n{down.log()}")
+    finally:
+        down.stop()
+    assert storage["t#0"].status.value == "scheduled"
+    alone = [f"{django_settings.TEST_QUEUE}-alone"]
+    worker = Worker(queues=alone).start()
+    sweeper = Sweeper(settings_json=FAST).start()
+    try:
+        wait_for(lambda: storage["t#0"].status.value == "finished", timeout=60,
+                 message=f"the send once the broker is back\n{sweeper.log()}")
+        time.sleep(2)
+    finally:
+        sweeper.stop()
+        worker.stop()
+    assert counts(uid, "t#0") == 1

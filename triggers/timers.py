@@ -1,0 +1,82 @@
+"""When an open instance next needs time-driven work: the key of the storages' due index.
+
+Three kinds of work come due, and the sweep (:mod:`triggers.sweep`) does them:
+
+* **an owed dispatch** — a ``scheduled`` instance that has not started
+  ``DISPATCH_GRACE`` seconds after it was scheduled (or after its start time):
+  its message may have been lost (the process died between the commit and the
+  send, the broker was down). The sweep sends it again, and again after twice
+  as long, and so on: a queue that workers are slow to drain is not flooded.
+  The run that starts it strikes it off.
+* **a timer** — a ``scheduled`` instance whose start (``delay``, retry
+  ``cooldown``, deadline) was further away than ``MAX_COUNTDOWN`` seconds when
+  it was scheduled. Brokers cap how long a message may wait unacknowledged
+  (RabbitMQ's ``consumer_timeout``, a Redis broker's ``visibility_timeout``),
+  so it is kept in the store and handed to the broker ``MAX_COUNTDOWN`` seconds
+  before its start, with a countdown below the cap.
+* **an expired lease** — a ``running`` instance whose worker stopped renewing
+  its lease (it died): it is taken over and sent again.
+
+Failed instances have no due time: they wait for a human (replay, skip).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from triggers.types import STATUS_RUNNING, STATUS_SCHEDULED, TaskInstance
+
+__all__ = ["dispatch_grace", "due_at", "max_countdown", "redispatch_backoff", "sent_later"]
+
+
+def _setting(name: str, default: Any) -> Any:
+    from django.conf import settings
+
+    if settings.configured:
+        from triggers.conf import triggers_settings
+
+        return getattr(triggers_settings, name)
+    return default
+
+
+def dispatch_grace() -> float:
+    """``TRIGGERS['DISPATCH_GRACE']``: seconds a dispatch may take before it is owed again."""
+    return float(_setting("DISPATCH_GRACE", 10))
+
+
+def max_countdown() -> float:
+    """``TRIGGERS['MAX_COUNTDOWN']``: the longest countdown a message is sent with."""
+    return float(_setting("MAX_COUNTDOWN", 600))
+
+
+def sent_later(instance: TaskInstance) -> bool:
+    """Whether the instance's start was too far away to send it when it was scheduled:
+    it waits in the store and the sweep sends it ``MAX_COUNTDOWN`` seconds before."""
+    start = instance.start_after
+    if start is None or "redispatch_at" in instance.metadata:
+        return False
+    scheduled = float(instance.metadata.get("scheduled", instance.metadata.get("modified", 0)))
+    return start - scheduled > max_countdown()
+
+
+def redispatch_backoff(sends: int) -> float:
+    """Seconds until a dispatch sent ``sends`` times by the sweep is owed again."""
+    return dispatch_grace() * float(2 ** min(max(sends, 0), 10))
+
+
+def due_at(instance: TaskInstance) -> float | None:
+    """When the sweep must next look at ``instance``; ``None``: never (by time)."""
+    metadata = instance.metadata
+    if instance.status == STATUS_RUNNING:
+        lease = metadata.get("lease")
+        return float(lease) if lease is not None else None
+    if instance.status != STATUS_SCHEDULED:
+        return None
+    if "redispatch_at" in metadata:
+        return float(metadata["redispatch_at"])
+    start = instance.start_after
+    if sent_later(instance):
+        assert start is not None
+        return round(start - max_countdown(), 3)
+    scheduled = float(metadata.get("scheduled", metadata.get("modified", 0)))
+    return round(max(scheduled, start or 0.0) + dispatch_grace(), 3)
