@@ -364,7 +364,7 @@ class TriggerManager:
         self.storage.on_commit(lambda: self.dispatch(stuck))
         return stuck
 
-    def sweep(self) -> tuple[list[tuple[TaskInstance, str]], float | None]:
+    def sweep(self) -> tuple[list[tuple[TaskInstance, str]], dict[str, float]]:
         """Do this session's time-driven work that is due (see :mod:`triggers.timers`).
 
         Scheduled instances whose dispatch is owed are sent again (then after twice
@@ -375,20 +375,20 @@ class TriggerManager:
         session history (``redispatched``, ``timer``, ``takeover``) and logged.
 
         Returns each instance sent with what it was (``redispatched``, ``timer`` or
-        ``takeover``), and when the session next has due work (``None``:
-        nothing open is time-driven). :func:`triggers.sweep.sweep` calls this for the
-        sessions that the storage's due index says are due.
+        ``takeover``), and the due time of every open instance that has one
+        afterwards. :func:`triggers.sweep.sweep` calls this for the sessions that the
+        storage's due index says are due.
         """
         stamp = now()
         sent: list[tuple[TaskInstance, str]] = []
 
-        def due_work(step: SessionStep) -> float | None:
+        def due_work(step: SessionStep) -> dict[str, float]:
             self.observe_step(step)
             sent.clear()
+            dues: dict[str, float] = {}
             if not step.tasks:
-                return None  # the session is gone (deleted, or expired when idle)
+                return dues  # the session is gone (deleted, or expired when idle)
             step.swept = True  # see triggers.storages.redis.DueIndex
-            next_due: float | None = None
             for instance in step.open_instances():
                 due = due_at(instance)
                 if due is not None and due <= stamp:
@@ -412,11 +412,11 @@ class TriggerManager:
                     step.note(instance, kind)
                     sent.append((instance, kind))
                     due = due_at(instance)
-                if due is not None and (next_due is None or due < next_due):
-                    next_due = due
-            return next_due
+                if due is not None:
+                    dues[instance.name] = due
+            return dues
 
-        next_due: float | None = self.storage.transact(due_work)
+        dues: dict[str, float] = self.storage.transact(due_work)
         for instance, kind in sent:
             if kind == "takeover":
                 logger.warning("Taking over %s of session %r: the lease of run %s expired (its "
@@ -433,7 +433,7 @@ class TriggerManager:
         instances = [instance for instance, _kind in sent]
         self._send_step_signals()
         self.storage.on_commit(lambda: self.dispatch(instances))
-        return list(sent), next_due
+        return list(sent), dues
 
     def recovery_run(
         self, older_than: float = 0.0,

@@ -81,8 +81,8 @@ def sweep(storage: str | None = None, *, limit: int = DEFAULT_LIMIT, manager: st
         report.sessions += 1
         try:
             session = build_manager(manager or triggers_settings.MANAGER, key, uid, options)
-            sent, next_due = session.sweep()
-            session.storage.swept(next_due, until)
+            sent, dues = session.sweep()
+            session.storage.swept(dues, until)
         except Exception as exc:  # noqa: BLE001 - the claim lapses: the next pass tries again
             logger.exception("Could not sweep session %r", uid)
             report.errors.append((uid, f"{type(exc).__name__}: {exc}"))

@@ -207,9 +207,9 @@ class StorageContract(Protocol):
         :mod:`triggers.timers`), at most ``limit``, claimed for one sweep: a concurrent
         sweep does not get them again until :meth:`swept` (or a claim period) passes."""
 
-    def swept(self, next_due: float | None, until: float) -> None:
-        """After a sweep of this session claimed by ``due_sessions(until, …)``: when it
-        next has due work (``None``: no open instance has a due time)."""
+    def swept(self, dues: dict[str, float], until: float) -> None:
+        """After a sweep of this session claimed by ``due_sessions(until, …)``: the due
+        time of each of its open instances that has one."""
 
 
 class SessionStep:
@@ -1064,8 +1064,8 @@ class BaseTriggerStorage:
         keep an index: their cost is that of the work that is due."""
         return cls.session_uids(**options)
 
-    def swept(self, next_due: float | None, until: float) -> None:
-        """Nothing to do without a due index."""
+    def swept(self, dues: dict[str, float], until: float) -> None:
+        """Nothing to do without a due index (or with one kept in the steps' writes)."""
 
     def _load(self) -> None:
         try:

@@ -175,9 +175,9 @@ class CacheStorageBackend(RecordStorage):
             return cls.session_uids(cache=cache, **options)
         return DueIndex(client, str(backend.make_key("triggers:"))).claim(until, limit)
 
-    def swept(self, next_due: float | None, until: float) -> None:
+    def swept(self, dues: dict[str, float], until: float) -> None:
         if self.engine is not None:
-            self.engine.index.swept(self.uid, next_due, until)
+            self.engine.index.swept(self.uid, dues, until)
 
     @classmethod
     def session_uids(cls, cache: str = "default", **_options: Any) -> Iterator[str]:

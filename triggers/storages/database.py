@@ -355,9 +355,9 @@ class DatabaseStorageBackend(RecordStorage):
     def due_sessions(cls, until: float, limit: int, using: str = "default",
                      **_options: Any) -> list[str]:
         """Sessions with an instance due by ``until``, soonest first (the partial index on
-        ``due`` holds only instances with time-driven work). Two sweeps may get the same
-        session: the session's row lock serializes their steps, and the second finds
-        nothing due any more."""
+        ``due`` holds only instances with time-driven work; each step writes the due time
+        of the instances it writes). Two sweeps may get the same session: the session's
+        row lock serializes their steps, and the second finds nothing due any more."""
         instance_model = cls._models()[1]
         uids: list[str] = []
         rows = (instance_model.objects.using(using).filter(due__lte=until).order_by("due")

@@ -55,7 +55,7 @@ from triggers.storages.base import (
     idempotency_limit,
 )
 from triggers.timers import due_at
-from triggers.types import TaskInstance
+from triggers.types import STATUS_RUNNING, STATUS_SCHEDULED, TaskInstance
 
 __all__ = ["DueIndex", "RedisEngine", "RedisStorageBackend"]
 
@@ -146,6 +146,9 @@ return reply
 
 _COMMIT = """
 local A = cjson.decode(ARGV[1])
+-- The due index (a key of another slot, on a standalone server only): its position in
+-- KEYS, then ops {'A', member, due} / {'R', member} applied with the step.
+local X = cjson.decode(ARGV[2] or '[0, []]')
 local lock = KEYS[6]
 if redis.call('EXISTS', lock) == 1 and redis.call('GET', lock) ~= A[1] then return 'locked' end
 local token = A[2]
@@ -166,6 +169,7 @@ for _ = 1, n do
 end
 -- Nothing is written unless every write can succeed: Lua does not roll back.
 local kinds = {'hash', 'hash', 'hash', 'list', 'string', 'string', 'hash', 'list', 'zset'}
+if X[1] > 0 then kinds[X[1]] = 'zset' end
 for j = 1, #KEYS do
   if j ~= 6 then
     local kind = redis.call('TYPE', KEYS[j])['ok']
@@ -222,7 +226,7 @@ local open = redis.call('HINCRBY', KEYS[1], 'o', delta)
 if timeout > 0 and (open <= 0 or open - delta <= 0) then
   -- Every key of the session: the fixed ones and the per-task ones of every task.
   local all = {}
-  for j = 1, #KEYS do if j ~= 6 then all[#all + 1] = KEYS[j] end end
+  for j = 1, #KEYS do if j ~= 6 and j ~= X[1] then all[#all + 1] = KEYS[j] end end
   local listed = redis.call('HGET', KEYS[1], 'tasks')
   if listed then
     for _, t in ipairs(cjson.decode(listed)) do
@@ -238,6 +242,12 @@ end
 -- rest of an idle session, if that expires sooner).
 if timeout > 0 and open <= 0 then window = math.min(window, timeout * 1000) end
 redis.call('PEXPIRE', KEYS[9], window)
+if X[1] > 0 then
+  for _, op in ipairs(X[2]) do
+    if op[1] == 'A' then redis.call('ZADD', KEYS[X[1]], op[3], op[2])
+    else redis.call('ZREM', KEYS[X[1]], op[2]) end
+  end
+end
 return 'ok'
 """
 
@@ -252,20 +262,27 @@ return 'absent'
 """
 
 _CLAIM = """
-local uids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, u in ipairs(uids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], u) end
-return uids
+local found = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, m in ipairs(found) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], m) end
+return found
 """
 
 _SWEPT = """
-local current, nxt = redis.call('ZSCORE', KEYS[1], ARGV[1]), ARGV[3]
-if current and tonumber(current) == tonumber(ARGV[2]) then
-  -- Unchanged since the claim: what the sweep found is the whole truth.
-  if nxt == '' then redis.call('ZREM', KEYS[1], ARGV[1])
-  else redis.call('ZADD', KEYS[1], nxt, ARGV[1]) end
-elseif nxt ~= '' then
-  -- A step indexed new work meanwhile: keep the sooner time.
-  redis.call('ZADD', KEYS[1], 'LT', nxt, ARGV[1])
+-- The members of this session that the sweep claimed (their score is its claim) get
+-- the due time the sweep found, or go; those a step changed meanwhile are the step's.
+local dues = cjson.decode(ARGV[3])
+local claimed = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], ARGV[2])
+for _, m in ipairs(claimed) do
+  local entry = cjson.decode(m)
+  if entry[1] == ARGV[1] then
+    local due = dues[entry[2]]
+    if due then redis.call('ZADD', KEYS[1], due, m) else redis.call('ZREM', KEYS[1], m) end
+    dues[entry[2]] = nil
+  end
+end
+-- Due work the index lacks (it never does, unless a step was cut off) is added.
+for name, due in pairs(dues) do
+  redis.call('ZADD', KEYS[1], 'NX', due, cjson.encode({ARGV[1], name}))
 end
 return 1
 """
@@ -280,16 +297,20 @@ CLAIM_SECONDS = 60.0
 
 
 class DueIndex:
-    """The sessions with time-driven work, by when it is due (see :mod:`triggers.timers`).
+    """The open instances with time-driven work, by when it is due (see
+    :mod:`triggers.timers`), in :data:`DUE_SHARDS` sorted sets.
 
-    A step that writes an instance with a due time adds its session with
-    ``ZADD … LT`` (only ever sooner), before its commit, in the same round trip on a
-    standalone server. A sweep claims the sessions that are due (moving them
-    :data:`CLAIM_SECONDS` ahead), does their work in a step that writes the
-    session's ``sw`` field — which every step reads and checks at commit, so a step
-    that indexed new work before the claim but commits after the sweep's step runs
-    again and indexes it again — and then sets the session's next due time, or
-    removes it.
+    A member is ``["<uid>","<instance>"]``; every member of a session is in the same
+    shard. A step's commit script sets the members of the instances it writes (their
+    due time, or removes them) atomically with the step on a standalone server; on
+    Redis Cluster (another slot) the step adds them before its commit and removes them
+    after it, so that a step cut off in between leaves a member too many (which a
+    sweep drops), never one too few. A sweep claims the members that are due (moving
+    them :data:`CLAIM_SECONDS` ahead, so that another sweep does not take them), does
+    their sessions' work in steps that write the session's ``sw`` field — which every
+    step reads and checks at commit: a step that wrote the index before the claim
+    but commits after the sweep runs again — and then gives each claimed member the
+    due time it found, or removes it.
     """
 
     def __init__(self, client: Any, prefix: str) -> None:
@@ -305,6 +326,10 @@ class DueIndex:
     def key_of(self, uid: str) -> str:
         return self.key(zlib.crc32(uid.encode("utf-8")) % DUE_SHARDS)
 
+    @staticmethod
+    def member(uid: str, name: str) -> str:
+        return json.dumps([uid, name], separators=(",", ":"))
+
     def claim(self, until: float, limit: int) -> list[str]:
         uids: list[str] = []
         first = random.randrange(DUE_SHARDS)  # no shard waits behind the others
@@ -312,19 +337,21 @@ class DueIndex:
             if len(uids) >= limit:
                 break
             found = self._claim(keys=[self.key((first + n) % DUE_SHARDS)],
-                                args=[repr(until), repr(until + CLAIM_SECONDS),
-                                      limit - len(uids)])
-            uids += [_text(uid) for uid in found]
+                                args=[repr(until), repr(until + CLAIM_SECONDS), limit])
+            for member in found:
+                uid = json.loads(_text(member))[0]
+                if uid not in uids:
+                    uids.append(uid)
         return uids
 
-    def swept(self, uid: str, next_due: float | None, until: float) -> None:
+    def swept(self, uid: str, dues: dict[str, float], until: float) -> None:
         self._swept(keys=[self.key_of(uid)],
-                    args=[uid, repr(until + CLAIM_SECONDS),
-                          "" if next_due is None else repr(next_due)])
+                    args=[uid, repr(until + CLAIM_SECONDS), json.dumps(dues) if dues else "{}"])
 
     def size(self) -> int:
-        """How many sessions the index holds (for tests and monitoring)."""
+        """How many instances the index holds (for tests and monitoring)."""
         return sum(int(self.client.zcard(self.key(n))) for n in range(DUE_SHARDS))
+
 
 #: Seconds (at least) the token of an applied step is kept, however many steps follow.
 TOKEN_WINDOW = 120.0
@@ -605,9 +632,25 @@ class RedisEngine:
         args += [len(events), limit, *[records.dumps(event) for event in events]]
         args += [len(step.new_idempotency), idempotency_limit(), *step.new_idempotency]
         args += [step.open_delta(), self.timeout or 0, self.prefix, self.token_window_ms()]
-        dues = [due for due in map(due_at, step.dirty.values()) if due is not None]
+        due_ops: list[list[Any]] = []
+        for instance in step.dirty.values():
+            due = due_at(instance)
+            member = self.index.member(self.uid, instance.name)
+            if due is not None:
+                due_ops.append(["A", member, due])
+            elif step.status_before(instance.name) in (STATUS_SCHEDULED, STATUS_RUNNING):
+                due_ops.append(["R", member])
         outcome = self._commit_or_resolve(keys, [records.dumps(args)], step.token,
-                                          min(dues) if dues else None)
+                                          (key_index(self.index.key_of(self.uid)), due_ops)
+                                          if due_ops and not self.index.cluster else due_ops)
+        if outcome == "ok" and due_ops and self.index.cluster:
+            gone = [op[1] for op in due_ops if op[0] == "R"]
+            if gone:  # after the commit: a step cut off before it leaves them, for a sweep
+                try:
+                    self.index.client.zrem(self.index.key_of(self.uid), *gone)
+                except Exception:  # noqa: BLE001 - a member too many: a sweep drops it
+                    logger.warning("Could not drop finished instances of session %r from the "
+                                   "due index", self.uid, exc_info=True)
         if outcome == "locked":
             step.observed["locked"] = True
             return False
@@ -633,32 +676,21 @@ class RedisEngine:
         """How long the tokens of applied steps are kept: longer than any resolve takes."""
         return int(max(TOKEN_WINDOW, 4 * self.storage.lock_timeout) * 1000)
 
-    def _commit_indexed(self, keys: list[str], args: list[Any], due: float | None) -> str:
-        """Run the commit script, indexing the session's due work first (if any): in the
-        same round trip on a standalone server, in one before it on a cluster (another
-        slot)."""
-        if due is None:
+    def _commit_indexed(self, keys: list[str], args: list[Any], index: Any) -> str:
+        """Run the commit script with the step's due-index changes: in the script on a
+        standalone server (``index`` is the key's position and the ops); on a cluster the
+        additions go first, in a call of their own (``index`` is the ops)."""
+        if self.index.cluster and index:
+            added = {op[1]: op[2] for op in index if op[0] == "A"}
+            if added:
+                self.index.client.zadd(self.index.key_of(self.uid), added)
+            index = None
+        if not index:
             return _text(self._commit(keys=keys, args=args))
-        if self.index.cluster:
-            self.index.client.zadd(self.index.key_of(self.uid), {self.uid: due}, lt=True)
-            return _text(self._commit(keys=keys, args=args))
-        from redis.exceptions import NoScriptError
-
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(self.index.key_of(self.uid), {self.uid: due}, lt=True)
-        pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
-        indexed, outcome = pipe.execute(raise_on_error=False)
-        if isinstance(indexed, Exception):  # the commit ran all the same
-            logger.error("Could not index the due work of session %r in %s: %s", self.uid,
-                         self.index.key_of(self.uid), indexed)
-        if isinstance(outcome, NoScriptError):  # a restarted server: load the script
-            return _text(self._commit(keys=keys, args=args))
-        if isinstance(outcome, Exception):
-            raise outcome
-        return _text(outcome)
+        return _text(self._commit(keys=keys, args=[*args, records.dumps(list(index))]))
 
     def _commit_or_resolve(self, keys: list[str], args: list[Any], token: str,
-                           due: float | None = None) -> str:
+                           index: Any = None) -> str:
         """Run the commit script; if the outcome is unknown (the connection broke after the
         script was sent), find out from the step's token whether it was applied.
 
@@ -668,7 +700,7 @@ class RedisEngine:
         import redis
 
         try:
-            return self._commit_indexed(keys, args, due)
+            return self._commit_indexed(keys, args, index)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             unknown: BaseException = exc
         except Exception as exc:  # noqa: BLE001 - any other client error: nothing was applied
@@ -918,8 +950,8 @@ class RedisStorageBackend(BaseTriggerStorage):
         """Sessions with work due by ``until``, claimed from the due index (see DueIndex)."""
         return DueIndex(client_for(url, bool(cluster)), prefix).claim(until, limit)
 
-    def swept(self, next_due: float | None, until: float) -> None:
-        self.engine.index.swept(self.uid, next_due, until)
+    def swept(self, dues: dict[str, float], until: float) -> None:
+        self.engine.index.swept(self.uid, dues, until)
 
     @classmethod
     def session_uids(cls, url: str = "redis://127.0.0.1:6379/0", cluster: bool = False,
