@@ -342,3 +342,87 @@ def test_broker_down_during_a_sweep_is_retried(uid, counts):
         sweeper.stop()
         worker.stop()
     assert counts(uid, "t#0") == 1
+
+
+# -- the sweep as a service ----------------------------------------------------------
+
+
+def test_the_loop_survives_an_unreachable_store():
+    """A store that cannot be reached fails a pass, not the loop: the next pass runs."""
+    from triggers.sweep import sweep_forever
+
+    outcomes = []
+    sweep_forever(0.05, "cache", passes=3, cache="restartable", on_pass=outcomes.append)
+    assert len(outcomes) == 3 and all(isinstance(o, Exception) for o in outcomes)
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "postgres"])
+def test_the_loop_reconnects_after_its_database_connection_dropped():
+    import psycopg
+    from django.db import connections
+
+    from triggers.sweep import sweep_forever
+
+    sweep("db", using="postgres")
+    pid = connections["postgres"].connection.info.backend_pid
+    db = connections["postgres"].settings_dict
+    with psycopg.connect(host=db["HOST"], port=db["PORT"], user=db["USER"], dbname=db["NAME"],
+                         autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [pid])
+    time.sleep(0.3)
+    outcomes = []
+    sweep_forever(0.05, "db", passes=3, using="postgres", on_pass=outcomes.append)
+    assert sum(isinstance(o, Exception) for o in outcomes) <= 1, outcomes
+    assert not isinstance(outcomes[-1], Exception)
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_sweeping_does_not_keep_an_idle_session_alive(uid):
+    """On a cache without a due index the sweep looks at every session: a look that
+    changes nothing writes nothing, so an idle session still expires."""
+    storage = CacheStorageBackend(uid, cache="locmem", timeout=2)
+    TriggerManager(storage).update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+    for _ in range(4):
+        sweep("cache", cache="locmem", timeout=2)
+        time.sleep(0.8)
+    assert uid not in set(CacheStorageBackend.session_uids(cache="locmem"))
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+@pytest.mark.parametrize("kind", ["redis", "redis_cluster"])
+def test_a_step_that_raced_a_sweep_leaves_the_index_exact(kind, uid, short_grace, monkeypatch):
+    """A worker starts an instance while a sweep commits its step: the sweep's step runs
+    again and finds nothing due; the index then holds the lease's end, not later."""
+    from triggers.run import Run
+    from triggers.storages.redis import RedisEngine
+
+    storage = make_storage(kind, uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+    monkeypatch.setattr(ThreadingTaskRunner, "run", lambda self, manager, instance: None)
+    manager.fire("go")
+
+    def owed_long_ago(step):  # sent 8 times already: the next send is far away
+        instance = step.instance("t#0")
+        instance.metadata["redispatches"] = 8
+        instance.metadata["redispatch_at"] = round(time.time() - 0.1, 3)
+        step.save(instance)
+
+    storage.transact(owed_long_ago)
+    original = RedisEngine._commit_indexed
+    raced = []
+
+    def racing(self, keys, args, index):
+        if not raced:
+            raced.append(1)
+            worker = TriggerManager(type(storage)(uid, **storage.get_options()))
+            assert Run.start(worker, "t#0") is not None  # the late message arrives
+        return original(self, keys, args, index)
+
+    monkeypatch.setattr(RedisEngine, "_commit_indexed", racing)
+    sent, dues = manager.sweep()
+    assert raced and sent == []
+    lease = float(storage["t#0"].metadata["lease"])
+    index = storage.engine.index
+    assert index.client.zscore(index.key_of(uid), index.member(uid, "t#0")) == \
+        pytest.approx(lease, abs=0.01)

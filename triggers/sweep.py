@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from triggers.exceptions import InvalidArgument
 from triggers.types import now
 
 __all__ = ["SweepReport", "sweep", "sweep_forever"]
@@ -69,15 +71,20 @@ def sweep(storage: str | None = None, *, limit: int = DEFAULT_LIMIT, manager: st
     from triggers.storages import storage_backends
 
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        from triggers.exceptions import InvalidArgument
-
         raise InvalidArgument(f"limit must be a whole number >= 1, got {limit!r}")
     key = storage or triggers_settings.STORAGE
     options = {**triggers_settings.storage_options(key), **storage_options}
     report = SweepReport(outcomes=flush_spool())
     until = now()
     backend = storage_backends.get_class(key)
-    for uid in list(backend.due_sessions(until, limit, **options)):
+    try:
+        due = list(backend.due_sessions(until, limit, **options))
+    except NotImplementedError as exc:
+        raise InvalidArgument(
+            f"The {key!r} storage keeps no due index and cannot list its sessions ({exc}): "
+            "the sweep cannot find its due work. Give it due_sessions() or session_uids().",
+        ) from exc
+    for uid in due:
         report.sessions += 1
         try:
             session = build_manager(manager or triggers_settings.MANAGER, key, uid, options)
@@ -94,19 +101,32 @@ def sweep(storage: str | None = None, *, limit: int = DEFAULT_LIMIT, manager: st
 
 
 def sweep_forever(interval: float | None = None, storage: str | None = None,
-                  passes: int | None = None, **storage_options: Any) -> None:
-    """:func:`sweep` every ``interval`` seconds (``TRIGGERS['SWEEP_INTERVAL']``);
-    a failed pass is logged and the next one runs all the same."""
+                  passes: int | None = None, *, limit: int = DEFAULT_LIMIT,
+                  manager: str | None = None,
+                  on_pass: Callable[[SweepReport | Exception], None] | None = None,
+                  **storage_options: Any) -> None:
+    """:func:`sweep` every ``interval`` seconds (``TRIGGERS['SWEEP_INTERVAL']``), forever
+    or ``passes`` times. A pass that fails (the store or the broker unreachable) is
+    logged and the next one runs all the same; database connections that broke are
+    closed between passes (as Celery does between tasks), so the next pass opens new
+    ones. ``on_pass`` gets each pass's report, or the exception that ended it."""
+    from django.db import close_old_connections
+
     from triggers.conf import triggers_settings
 
     pause = float(interval if interval is not None else triggers_settings.SWEEP_INTERVAL)
     done = 0
     while passes is None or done < passes:
         started = time.monotonic()
+        close_old_connections()
+        outcome: SweepReport | Exception
         try:
-            sweep(storage, **storage_options)
-        except Exception:  # noqa: BLE001 - the store may be back next time
+            outcome = sweep(storage, limit=limit, manager=manager, **storage_options)
+        except Exception as exc:  # noqa: BLE001 - the store may be back next time
             logger.exception("The sweep failed; trying again in %.1f s", pause)
+            outcome = exc
+        if on_pass is not None:
+            on_pass(outcome)
         done += 1
         if passes is None or done < passes:
             time.sleep(max(pause - (time.monotonic() - started), 0.0))

@@ -257,8 +257,10 @@ class SessionStep:
         self._events: list[dict[str, Any]] = []
         #: Triggers applied in this step, in order, with the instances each scheduled.
         self.fired: list[tuple[str, list[TaskInstance]]] = []
-        #: A sweep's step: it commits even when it changed nothing, so that a step that
-        #: ran alongside it and indexed new due work must run again (see triggers.sweep).
+        #: A sweep's step: on a storage whose due index is written apart from the step
+        #: (``commits_sweeps``) it commits even when it changed nothing, so that a step
+        #: that ran alongside it and indexed due work must run again (see
+        #: triggers.storages.redis.DueIndex).
         self.swept = False
 
     # -- loading (called by backends) -----------------------------------------
@@ -543,7 +545,8 @@ class SessionStep:
     @property
     def changed(self) -> bool:
         return bool(self._dirty or self._set_latest or self._set_counters or self._set_meta
-                    or self._idem_new or self._new_config is not None or self.swept)
+                    or self._idem_new or self._new_config is not None
+                    or (self.swept and self.storage.commits_sweeps))
 
     # -- what a backend commits ---------------------------------------------------
 
@@ -734,6 +737,9 @@ class BaseTriggerStorage:
     #: Whether steps join the caller's database transaction (the database storage);
     #: other storages' fires wait for it to commit (see :meth:`caller_transaction`).
     joins_transactions: bool = False
+
+    #: Whether a sweep's step must commit even when it changed nothing (see SessionStep.swept).
+    commits_sweeps = False
 
     def step_applied(self, token: str) -> bool | None:
         """Whether the step whose commit raised a :class:`StorageError` with this

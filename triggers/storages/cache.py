@@ -84,9 +84,11 @@ class CacheStorageBackend(RecordStorage):
         self.engine: RedisEngine | None = None
         if client is not None:
             self.engine = RedisEngine(self, client, str(self.cache.make_key(self._prefix)),
-                                      timeout, f"cache {cache!r}")
+                                      timeout, f"cache {cache!r}",
+                                      str(self.cache.make_key("triggers:")))
         #: On Redis, steps are optimistic (see triggers.storages.redis).
         self.optimistic = self.engine is not None
+        self.commits_sweeps = self.engine is not None
 
     def get_options(self) -> dict[str, Any]:
         return {"cache": self.cache_alias, "timeout": self.timeout,

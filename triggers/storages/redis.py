@@ -270,20 +270,17 @@ return found
 _SWEPT = """
 -- The members of this session that the sweep claimed (their score is its claim) get
 -- the due time the sweep found, or go; those a step changed meanwhile are the step's.
-local dues = cjson.decode(ARGV[3])
+local dues = cjson.decode(ARGV[3])  -- member -> due time
 local claimed = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], ARGV[2])
 for _, m in ipairs(claimed) do
-  local entry = cjson.decode(m)
-  if entry[1] == ARGV[1] then
-    local due = dues[entry[2]]
+  if cjson.decode(m)[1] == ARGV[1] then
+    local due = dues[m]
     if due then redis.call('ZADD', KEYS[1], due, m) else redis.call('ZREM', KEYS[1], m) end
-    dues[entry[2]] = nil
+    dues[m] = nil
   end
 end
--- Due work the index lacks (it never does, unless a step was cut off) is added.
-for name, due in pairs(dues) do
-  redis.call('ZADD', KEYS[1], 'NX', due, cjson.encode({ARGV[1], name}))
-end
+-- Due work the index lacks (a step cut off, a session older than the index) is added.
+for m, due in pairs(dues) do redis.call('ZADD', KEYS[1], 'NX', due, m) end
 return 1
 """
 
@@ -345,8 +342,10 @@ class DueIndex:
         return uids
 
     def swept(self, uid: str, dues: dict[str, float], until: float) -> None:
+        members = {self.member(uid, name): due for name, due in dues.items()}
         self._swept(keys=[self.key_of(uid)],
-                    args=[uid, repr(until + CLAIM_SECONDS), json.dumps(dues) if dues else "{}"])
+                    args=[uid, repr(until + CLAIM_SECONDS), json.dumps(members) if members
+                          else "{}"])
 
     def size(self) -> int:
         """How many instances the index holds (for tests and monitoring)."""
@@ -369,7 +368,7 @@ class RedisEngine:
     """The records of one session in Redis, read and written by two Lua scripts."""
 
     def __init__(self, storage: BaseTriggerStorage, client: Any, prefix: str,
-                 timeout: int | None, where: str) -> None:
+                 timeout: int | None, where: str, index_prefix: str) -> None:
         self.storage = storage
         self.uid = storage.uid
         self.client = client
@@ -379,7 +378,7 @@ class RedisEngine:
         self._read = client.register_script(_READ)
         self._commit = client.register_script(_COMMIT)
         self._resolve = client.register_script(_RESOLVE)
-        self.index = DueIndex(client, prefix[:len(prefix) - len(f"{{{self.uid}}}:")])
+        self.index = DueIndex(client, index_prefix)
 
     # -- keys -------------------------------------------------------------------
 
@@ -644,13 +643,20 @@ class RedisEngine:
                                           (key_index(self.index.key_of(self.uid)), due_ops)
                                           if due_ops and not self.index.cluster else due_ops)
         if outcome == "ok" and due_ops and self.index.cluster:
-            gone = [op[1] for op in due_ops if op[0] == "R"]
-            if gone:  # after the commit: a step cut off before it leaves them, for a sweep
-                try:
-                    self.index.client.zrem(self.index.key_of(self.uid), *gone)
-                except Exception:  # noqa: BLE001 - a member too many: a sweep drops it
-                    logger.warning("Could not drop finished instances of session %r from the "
-                                   "due index", self.uid, exc_info=True)
+            # After the commit, the exact times and the removals: a step cut off before
+            # them leaves a member too early or too many, which a sweep puts right.
+            try:
+                pipe = self.index.client.pipeline(transaction=False)
+                exact = {op[1]: op[2] for op in due_ops if op[0] == "A"}
+                gone = [op[1] for op in due_ops if op[0] == "R"]
+                if exact:
+                    pipe.zadd(self.index.key_of(self.uid), exact)
+                if gone:
+                    pipe.zrem(self.index.key_of(self.uid), *gone)
+                pipe.execute()
+            except Exception:  # noqa: BLE001 - a member too early or too many: swept later
+                logger.warning("Could not update the due index of session %r after its step",
+                               self.uid, exc_info=True)
         if outcome == "locked":
             step.observed["locked"] = True
             return False
@@ -682,8 +688,8 @@ class RedisEngine:
         additions go first, in a call of their own (``index`` is the ops)."""
         if self.index.cluster and index:
             added = {op[1]: op[2] for op in index if op[0] == "A"}
-            if added:
-                self.index.client.zadd(self.index.key_of(self.uid), added)
+            if added:  # only ever sooner: a step that does not apply delays nothing
+                self.index.client.zadd(self.index.key_of(self.uid), added, lt=True)
             index = None
         if not index:
             return _text(self._commit(keys=keys, args=args))
@@ -893,6 +899,7 @@ class RedisStorageBackend(BaseTriggerStorage):
 
     name = "redis"
     optimistic = True
+    commits_sweeps = True
 
     def __init__(self, uid: str, url: str = "redis://127.0.0.1:6379/0", cluster: bool = False,
                  timeout: int | None = 3600, prefix: str = "triggers:",
@@ -908,7 +915,7 @@ class RedisStorageBackend(BaseTriggerStorage):
                                   session_uid=uid)
         self.url, self.cluster, self.timeout, self.prefix = url, bool(cluster), timeout, prefix
         self.engine = RedisEngine(self, client_for(url, self.cluster), f"{prefix}{{{uid}}}:",
-                                  timeout, f"redis {url}")
+                                  timeout, f"redis {url}", prefix)
 
     def get_options(self) -> dict[str, Any]:
         return {"url": self.url, "cluster": self.cluster, "timeout": self.timeout,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import time
 from typing import Any, NoReturn, TextIO, cast
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -383,30 +382,36 @@ class Command(BaseCommand):
                                f"{', '.join(failures)}")
 
     def do_sweep(self, options: dict[str, Any]) -> None:
-        from triggers.sweep import sweep
+        from triggers.sweep import SweepReport, sweep, sweep_forever
 
         interval = options.get("interval")
         if interval is not None and not interval > 0:
             raise CommandError(f"--interval must be a positive number of seconds, got {interval}")
+        if options["limit"] < 1:
+            raise CommandError(f"--limit must be at least 1, got {options['limit']}")
         storage, storage_options = self.storage_key_and_options(options)
-        while True:
-            started = time.monotonic()
-            report = sweep(storage, limit=options["limit"], manager=options["manager"],
-                           **storage_options)
-            self.stdout.write(str(report))
-            for uid, name, kind in report.sent:
+
+        def write(outcome: SweepReport | Exception) -> None:
+            if isinstance(outcome, Exception):  # --loop: the next pass tries again
+                text = one_line(f"{type(outcome).__name__}: {outcome}")
+                self.stderr.write(f"The sweep failed: {text}")
+                return
+            self.stdout.write(str(outcome))
+            for uid, name, kind in outcome.sent:
                 self.stdout.write(f"{uid}: {name} {kind}")
-            for uid, error in report.errors:
+            for uid, error in outcome.errors:
                 self.stderr.write(f"{uid}: not swept: {one_line(error)}")
             self.stdout.flush()
-            if not options["loop"]:
-                if report.errors:
-                    raise CommandError(f"{len(report.errors)} session(s) could not be swept")
-                return
-            from triggers.conf import triggers_settings
 
-            pause = float(interval if interval is not None else triggers_settings.SWEEP_INTERVAL)
-            time.sleep(max(pause - (time.monotonic() - started), 0.0))
+        if options["loop"]:
+            sweep_forever(interval, storage, limit=options["limit"], manager=options["manager"],
+                          on_pass=write, **storage_options)
+            return
+        report = sweep(storage, limit=options["limit"], manager=options["manager"],
+                       **storage_options)
+        write(report)
+        if report.errors:
+            raise CommandError(f"{len(report.errors)} session(s) could not be swept")
 
     def do_demo(self, options: dict[str, Any]) -> None:
         if options["celery"]:
