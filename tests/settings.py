@@ -122,3 +122,7 @@ if os.environ.get("TRIGGERS_TEST_SETTINGS"):  # a child process with settings of
 if os.environ.get("TRIGGERS_TEST_ACKS_LATE"):  # a worker with the recommended Celery settings
     CELERY_TASK_ACKS_LATE = True
     CELERY_TASK_REJECT_ON_WORKER_LOST = True
+if os.environ.get("TRIGGERS_TEST_BROKER_OPTIONS"):  # e.g. a Redis broker's visibility_timeout
+    import json
+
+    CELERY_BROKER_TRANSPORT_OPTIONS = json.loads(os.environ["TRIGGERS_TEST_BROKER_OPTIONS"])

@@ -24,7 +24,7 @@ from triggers.exceptions import InvalidArgument
 from triggers.runners import CeleryTaskRunner, ThreadingTaskRunner
 from triggers.sweep import sweep
 from triggers.timers import due_at, sent_later
-from triggers.types import now
+from triggers.types import lease_expired, now
 
 INDEXED = {"django_redis", "builtin_redis", "redis", "redis_cluster", "db_sqlite", "db_postgres"}
 CLAIMING = {"django_redis", "builtin_redis", "redis", "redis_cluster"}
@@ -210,7 +210,8 @@ def counts():
 
 def test_a_process_killed_between_commit_and_send_loses_nothing(uid, counts):
     """The firing process dies right after its commit, before it sends the message: the
-    sweep sends it within the grace period, and it runs exactly once."""
+    sweep sends it within the grace period, and it runs exactly once (two sweep
+    processes run at once)."""
     child = run_child(f"""
         import os, signal
         from triggers import CacheStorageBackend, TriggerManager
@@ -225,16 +226,16 @@ def test_a_process_killed_between_commit_and_send_loses_nothing(uid, counts):
     storage = CacheStorageBackend(uid)
     alone = [f"{django_settings.TEST_QUEUE}-alone"]
     worker = Worker(queues=alone).start()
-    sweeper = None
+    sweepers = []
     try:
         time.sleep(1.5)  # past the grace period: no message was ever sent
         assert storage["t#0"].status.value == "scheduled" and counts(uid, "t#0") == 0
-        sweeper = Sweeper(settings_json=FAST).start()
+        sweepers = [Sweeper(interval=0.2, settings_json=FAST).start() for _ in range(2)]
         wait_for(lambda: storage["t#0"].status.value == "finished", timeout=30,
-                 message=f"the sweep to send t#0\n{sweeper.log()}")
+                 message=f"the sweep to send t#0\n{sweepers[0].log()}")
         time.sleep(2.5)  # a doubled send would have run by now
     finally:
-        if sweeper is not None:
+        for sweeper in sweepers:
             sweeper.stop()
         worker.stop()
     assert counts(uid, "t#0") == 1
@@ -307,6 +308,40 @@ def test_a_delay_longer_than_the_countdown_cap_runs_once_at_its_time(uid, counts
     assert instance.metadata["started"] >= fired + 2  # not sent at fire time
     assert counts(uid, "t#0") == 1
     assert "timer" in _events(storage)
+
+
+def test_a_far_start_on_a_redis_broker_runs_once_at_its_time(uid, counts):
+    """A Redis broker delivers a message again once it waited ``visibility_timeout`` (2 s
+    here) unacknowledged, as one with a long countdown does: with MAX_COUNTDOWN below it,
+    a 5 s delay waits in the store, is handed over when due, and runs once."""
+    broker = {"TRIGGERS_TEST_BROKER_URL": django_settings.REDIS_URL,
+              "TRIGGERS_TEST_BROKER_OPTIONS": json.dumps({"visibility_timeout": 2})}
+    settings_json = json.dumps({"DISPATCH_GRACE": 1, "MAX_COUNTDOWN": 1})
+    child = run_child(f"""
+        from triggers import CacheStorageBackend, TriggerManager
+        manager = TriggerManager(CacheStorageBackend({uid!r}))
+        manager.update_configuration({{"t": {{"after": ["go"], "run": "tests.CountAlone",
+                                              "delay": 5}}}})
+        manager.fire("go")
+    """, TRIGGERS_TEST_SETTINGS=settings_json, **broker)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode == 0, output
+    storage = CacheStorageBackend(uid)
+    alone = [f"{django_settings.TEST_QUEUE}-alone"]
+    worker = Worker(queues=alone, env=broker).start()
+    sweeper = Sweeper(settings_json=settings_json, env=broker).start()
+    try:
+        wait_for(lambda: storage["t#0"].status.value == "finished", timeout=40,
+                 message=f"the timer\n{sweeper.log()}\n{worker.log()}")
+        time.sleep(3)  # a message delivered again would have run by now
+    finally:
+        sweeper.stop()
+        worker.stop()
+    instance = storage["t#0"]
+    assert instance.metadata["started"] >= instance.start_after - 0.05
+    assert counts(uid, "t#0") == 1 and instance.metadata["attempts"] == 1
+    assert "timer" in _events(storage)
+    assert "redis://" in worker.log()  # the worker was on the Redis broker
 
 
 def test_broker_down_during_a_sweep_is_retried(uid, counts):
@@ -426,3 +461,39 @@ def test_a_step_that_raced_a_sweep_leaves_the_index_exact(kind, uid, short_grace
     index = storage.engine.index
     assert index.client.zscore(index.key_of(uid), index.member(uid, "t#0")) == \
         pytest.approx(lease, abs=0.01)
+
+
+@pytest.mark.parametrize("lease_state", ["expired", "current"])
+def test_a_redelivered_message_of_a_killed_worker(uid, counts, lease_state):
+    """With acks_late and reject_on_worker_lost the broker delivers a killed worker's
+    message again (no sweep runs here): once the lease expired it starts a new run;
+    while the lease is current it is a logged no-op."""
+    alone = [f"{django_settings.TEST_QUEUE}-alone"]
+    doomed = Worker(concurrency=1, lease=3, queues=alone, acks_late=True).start()
+    manager = TriggerManager(CacheStorageBackend(uid))
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.CountAlone"}})
+    # Long enough to be still running once a second worker has started.
+    manager.fire("go", {"sleep": 2 if lease_state == "expired" else 15})
+    storage = manager.storage
+    rescuer = None
+    try:
+        wait_for(lambda: storage["t#0"].status.value == "running", message="t#0 running")
+        if lease_state == "current":
+            rescuer = Worker(queues=alone, acks_late=True).start()
+        doomed.kill()
+        if lease_state == "expired":
+            wait_for(lambda: lease_expired(storage["t#0"]), timeout=10, message="the lease ends")
+            rescuer = Worker(queues=alone, acks_late=True).start()
+            wait_for(lambda: storage["t#0"].status.value == "finished", timeout=30,
+                     message=f"the redelivered run\n{rescuer.log()}")
+            assert "Taking over t#0" in rescuer.log()
+            assert counts(uid, "t#0") == 2 and storage["t#0"].metadata["attempts"] == 2
+        else:
+            wait_for(lambda: "Ignoring a delivery of t#0" in rescuer.log(), timeout=30,
+                     message=f"the redelivery to be ignored\n{rescuer.log()}")
+            assert storage["t#0"].status.value == "running"
+            assert counts(uid, "t#0") == 1
+    finally:
+        doomed.stop()
+        if rescuer is not None:
+            rescuer.stop()

@@ -30,7 +30,9 @@ def broker_reachable(timeout=3.0):
 class Worker:
     """A `celery worker` process (prefork pool) consuming this test run's queues."""
 
-    def __init__(self, concurrency=4, queues=None, extra_args=(), lease=None, acks_late=False):
+    def __init__(self, concurrency=4, queues=None, extra_args=(), lease=None, acks_late=False,
+                 env=None):
+        self.env = dict(env or {})  # more environment (another broker, settings)
         self.lease = lease  # TRIGGERS['LEASE'] of the worker, if not the default
         self.acks_late = acks_late  # task_acks_late and task_reject_on_worker_lost
         self.name = f"w{uuid.uuid4().hex[:6]}@%h"
@@ -58,6 +60,7 @@ class Worker:
             env["TRIGGERS_TEST_LEASE"] = str(self.lease)
         if self.acks_late:
             env["TRIGGERS_TEST_ACKS_LATE"] = "1"
+        env.update(self.env)
         command = [
             sys.executable, "-m", "celery", "-A", "tests.celery", "worker",
             "--pool", "prefork", "--concurrency", str(self.concurrency),
