@@ -27,7 +27,7 @@ from triggers.timers import due_at, sent_later
 from triggers.types import lease_expired, now
 
 INDEXED = {"django_redis", "builtin_redis", "redis", "redis_cluster", "db_sqlite", "db_postgres"}
-CLAIMING = {"django_redis", "builtin_redis", "redis", "redis_cluster"}
+CLAIMING = INDEXED
 
 
 def _due(storage, until=None, limit=100_000):
@@ -497,3 +497,42 @@ def test_a_redelivered_message_of_a_killed_worker(uid, counts, lease_state):
         doomed.stop()
         if rescuer is not None:
             rescuer.stop()
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+@pytest.mark.parametrize("kind", ["redis", "db_sqlite"])
+def test_a_session_that_cannot_be_swept_does_not_hold_up_the_others(kind, uid, short_grace,
+                                                                     trigger_threading_runner,
+                                                                     monkeypatch):
+    """Claimed work a sweep could not do comes back after the claim, not first every pass."""
+    monkeypatch.setattr(ThreadingTaskRunner, "run", lambda self, manager, instance: None)
+    from triggers.storages.redis import RedisStorageBackend
+
+    def make(session):  # on Redis, an index of its own: only these two sessions are due
+        if kind == "redis":
+            return RedisStorageBackend(session, url=django_settings.REDIS_URL,
+                                       prefix=f"triggers-tests-{uid}:")
+        return make_storage(kind, session)
+
+    managers = []
+    for suffix in ("broken", "fine"):
+        manager = TriggerManager(make(f"{uid}-{suffix}"))
+        manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+        manager.fire("go")
+        managers.append(manager)
+        time.sleep(0.05)  # the broken one is due first
+    time.sleep(0.4)
+    options = managers[0].storage.get_options()
+    storage_key = "redis" if kind == "redis" else "db"
+    failing = {f"{uid}-broken"}
+    real_sweep = TriggerManager.sweep
+
+    def sweep_or_fail(self):
+        if self.storage.uid in failing:
+            raise RuntimeError("this session cannot be swept (simulated)")
+        return real_sweep(self)
+
+    monkeypatch.setattr(TriggerManager, "sweep", sweep_or_fail)
+    reports = [sweep(storage_key, limit=1, **options) for _ in range(3)]
+    assert reports[0].errors and reports[0].errors[0][0] == f"{uid}-broken"
+    assert [(u, n) for r in reports for u, n, _kind in r.sent] == [(f"{uid}-fine", "t#0")]

@@ -26,7 +26,12 @@ from typing import Any
 
 from triggers.types import STATUS_RUNNING, STATUS_SCHEDULED, TaskInstance
 
-__all__ = ["dispatch_grace", "due_at", "max_countdown", "redispatch_backoff", "sent_later"]
+__all__ = ["CLAIM_SECONDS", "dispatch_grace", "due_at", "max_countdown", "redispatch_backoff",
+           "sent_later"]
+
+#: Seconds a sweep's claim on due work lasts: another sweep does not take it meanwhile, and
+#: work a sweep could not do (it failed, or died) comes back after that.
+CLAIM_SECONDS = 60.0
 
 
 def _setting(name: str, default: Any) -> Any:

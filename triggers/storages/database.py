@@ -41,7 +41,7 @@ from triggers.storages.base import (
     history_limit,
     idempotency_limit,
 )
-from triggers.timers import due_at
+from triggers.timers import CLAIM_SECONDS, due_at
 
 __all__ = ["DatabaseLock", "DatabaseStorageBackend"]
 
@@ -356,8 +356,10 @@ class DatabaseStorageBackend(RecordStorage):
                      **_options: Any) -> list[str]:
         """Sessions with an instance due by ``until``, soonest first (the partial index on
         ``due`` holds only instances with time-driven work; each step writes the due time
-        of the instances it writes). Two sweeps may get the same session: the session's
-        row lock serializes their steps, and the second finds nothing due any more."""
+        of the instances it writes). Their due instances are claimed: moved
+        ``CLAIM_SECONDS`` ahead, so that another sweep does not take them meanwhile and a
+        session that cannot be swept waits that long instead of coming first every pass;
+        the sweep's step writes their new due times."""
         instance_model = cls._models()[1]
         uids: list[str] = []
         rows = (instance_model.objects.using(using).filter(due__lte=until).order_by("due")
@@ -371,7 +373,11 @@ class DatabaseStorageBackend(RecordStorage):
             if len(batch) < limit:
                 break
             offset += limit
-        return uids[:limit]
+        uids = uids[:limit]
+        if uids:
+            instance_model.objects.using(using).filter(
+                session_id__in=uids, due__lte=until).update(due=until + CLAIM_SECONDS)
+        return uids
 
     def delete(self) -> None:
         """Remove everything this session stored."""

@@ -54,7 +54,7 @@ from triggers.storages.base import (
     history_limit,
     idempotency_limit,
 )
-from triggers.timers import due_at
+from triggers.timers import CLAIM_SECONDS, due_at
 from triggers.types import STATUS_RUNNING, STATUS_SCHEDULED, TaskInstance
 
 __all__ = ["DueIndex", "RedisEngine", "RedisStorageBackend"]
@@ -276,11 +276,8 @@ for _, m in ipairs(claimed) do
   if cjson.decode(m)[1] == ARGV[1] then
     local due = dues[m]
     if due then redis.call('ZADD', KEYS[1], due, m) else redis.call('ZREM', KEYS[1], m) end
-    dues[m] = nil
   end
 end
--- Due work the index lacks (a step cut off, a session older than the index) is added.
-for m, due in pairs(dues) do redis.call('ZADD', KEYS[1], 'NX', due, m) end
 return 1
 """
 
@@ -289,8 +286,6 @@ _S, _A, _D, _H, _C, _LOCK, _Y, _YL, _T = 1, 2, 3, 4, 5, 6, 7, 8, 9
 #: Shards of the due index: sorted sets ``<prefix>due:{<n>}`` (on Redis Cluster each on
 #: the slot of its own hash tag, so that no single key takes every write).
 DUE_SHARDS = 16
-#: Seconds a sweep's claim on a session lasts (a sweep that died is replaced after it).
-CLAIM_SECONDS = 60.0
 
 
 class DueIndex:
@@ -303,7 +298,7 @@ class DueIndex:
     Redis Cluster (another slot) the step adds them before its commit and removes them
     after it, so that a step cut off in between leaves a member too many (which a
     sweep drops), never one too few. A sweep claims the members that are due (moving
-    them :data:`CLAIM_SECONDS` ahead, so that another sweep does not take them), does
+    them :data:`~triggers.timers.CLAIM_SECONDS` ahead, so that another sweep does not take them), does
     their sessions' work in steps that write the session's ``sw`` field — which every
     step reads and checks at commit: a step that wrote the index before the claim
     but commits after the sweep runs again — and then gives each claimed member the
