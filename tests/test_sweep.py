@@ -536,3 +536,25 @@ def test_a_session_that_cannot_be_swept_does_not_hold_up_the_others(kind, uid, s
     reports = [sweep(storage_key, limit=1, **options) for _ in range(3)]
     assert reports[0].errors and reports[0].errors[0][0] == f"{uid}-broken"
     assert [(u, n) for r in reports for u, n, _kind in r.sent] == [(f"{uid}-fine", "t#0")]
+
+
+def test_a_live_run_three_times_its_lease_is_never_taken_over(uid, counts):
+    """On the prefork pool the heartbeat renews the lease: a sweep running all along
+    (and a second worker) never start the instance again, however long it runs."""
+    alone = [f"{django_settings.TEST_QUEUE}-alone"]
+    worker = Worker(concurrency=1, lease=1, queues=alone).start()
+    spare = Worker(concurrency=1, lease=1, queues=alone).start()
+    sweeper = Sweeper(interval=0.2, settings_json=FAST).start()
+    manager = TriggerManager(CacheStorageBackend(uid))
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.CountAlone"}})
+    try:
+        manager.fire("go", {"sleep": 3.5})
+        storage = manager.storage
+        wait_for(lambda: storage["t#0"].status.value == "finished", timeout=60,
+                 message=f"the long run\n{sweeper.log()}")
+    finally:
+        sweeper.stop()
+        spare.stop()
+        worker.stop()
+    assert counts(uid, "t#0") == 1 and storage["t#0"].metadata["attempts"] == 1
+    assert "takeover" not in _events(storage)
