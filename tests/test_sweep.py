@@ -208,10 +208,8 @@ def counts():
     return lambda uid, name: int(client.get(execution_key(uid, name)) or 0)
 
 
-def test_a_process_killed_between_commit_and_send_loses_nothing(uid, counts):
-    """The firing process dies right after its commit, before it sends the message: the
-    sweep sends it within the grace period, and it runs exactly once (two sweep
-    processes run at once)."""
+def _fire_and_die_before_sending(uid):
+    """A process fires, and is SIGKILLed right after its commit, before it sends."""
     child = run_child(f"""
         import os, signal
         from triggers import CacheStorageBackend, TriggerManager
@@ -223,6 +221,13 @@ def test_a_process_killed_between_commit_and_send_loses_nothing(uid, counts):
     """, TRIGGERS_TEST_SETTINGS=FAST)
     output, _ = child.communicate(timeout=120)
     assert child.returncode == -9, output
+
+
+def test_a_process_killed_between_commit_and_send_loses_nothing(uid, counts):
+    """The firing process dies right after its commit, before it sends the message: the
+    sweep sends it within the grace period, and it runs exactly once (two sweep
+    processes run at once)."""
+    _fire_and_die_before_sending(uid)
     storage = CacheStorageBackend(uid)
     alone = [f"{django_settings.TEST_QUEUE}-alone"]
     worker = Worker(queues=alone).start()
@@ -277,45 +282,15 @@ def test_a_killed_worker_is_taken_over_automatically(uid, counts, acks_late):
     assert took < 3 + 4 + 30  # lease + the task + worker start-up and sweep interval
 
 
-def test_a_delay_longer_than_the_countdown_cap_runs_once_at_its_time(uid, counts):
-    """MAX_COUNTDOWN 1 s and a 4 s delay: the message is not sent at fire time (a broker
-    would drop or redeliver a message waiting past its cap); the sweep hands it over
-    when due and it runs once, not before its start."""
-    settings_json = json.dumps({"DISPATCH_GRACE": 1, "MAX_COUNTDOWN": 1})
-    child = run_child(f"""
-        from triggers import CacheStorageBackend, TriggerManager
-        manager = TriggerManager(CacheStorageBackend({uid!r}))
-        manager.update_configuration({{"t": {{"after": ["go"], "run": "tests.CountAlone",
-                                              "delay": 4}}}})
-        manager.fire("go")
-    """, TRIGGERS_TEST_SETTINGS=settings_json)
-    output, _ = child.communicate(timeout=120)
-    assert child.returncode == 0, output
-    fired = time.time()
-    storage = CacheStorageBackend(uid)
-    alone = [f"{django_settings.TEST_QUEUE}-alone"]
-    worker = Worker(queues=alone).start()
-    sweeper = Sweeper(settings_json=settings_json).start()
-    try:
-        wait_for(lambda: storage["t#0"].status.value == "finished", timeout=40,
-                 message=f"the timer\n{sweeper.log()}")
-        time.sleep(2)
-    finally:
-        sweeper.stop()
-        worker.stop()
-    instance = storage["t#0"]
-    assert instance.metadata["started"] >= instance.start_after - 0.05
-    assert instance.metadata["started"] >= fired + 2  # not sent at fire time
-    assert counts(uid, "t#0") == 1
-    assert "timer" in _events(storage)
-
-
-def test_a_far_start_on_a_redis_broker_runs_once_at_its_time(uid, counts):
-    """A Redis broker delivers a message again once it waited ``visibility_timeout`` (2 s
-    here) unacknowledged, as one with a long countdown does: with MAX_COUNTDOWN below it,
-    a 5 s delay waits in the store, is handed over when due, and runs once."""
-    broker = {"TRIGGERS_TEST_BROKER_URL": django_settings.REDIS_URL,
-              "TRIGGERS_TEST_BROKER_OPTIONS": json.dumps({"visibility_timeout": 2})}
+@pytest.mark.parametrize("broker", ["rabbitmq", "redis"])
+def test_a_delay_longer_than_the_countdown_cap_runs_once_at_its_time(uid, counts, broker):
+    """MAX_COUNTDOWN 1 s and a 5 s delay: the message is not sent at fire time (a broker
+    would drop or deliver again a message waiting past its limit: a Redis broker does
+    after ``visibility_timeout``, 2 s here); the sweep hands it over when due, and it
+    runs once, not before its start."""
+    env = {} if broker == "rabbitmq" else {
+        "TRIGGERS_TEST_BROKER_URL": django_settings.REDIS_URL,
+        "TRIGGERS_TEST_BROKER_OPTIONS": json.dumps({"visibility_timeout": 2})}
     settings_json = json.dumps({"DISPATCH_GRACE": 1, "MAX_COUNTDOWN": 1})
     child = run_child(f"""
         from triggers import CacheStorageBackend, TriggerManager
@@ -323,13 +298,13 @@ def test_a_far_start_on_a_redis_broker_runs_once_at_its_time(uid, counts):
         manager.update_configuration({{"t": {{"after": ["go"], "run": "tests.CountAlone",
                                               "delay": 5}}}})
         manager.fire("go")
-    """, TRIGGERS_TEST_SETTINGS=settings_json, **broker)
+    """, TRIGGERS_TEST_SETTINGS=settings_json, **env)
     output, _ = child.communicate(timeout=120)
     assert child.returncode == 0, output
     storage = CacheStorageBackend(uid)
     alone = [f"{django_settings.TEST_QUEUE}-alone"]
-    worker = Worker(queues=alone, env=broker).start()
-    sweeper = Sweeper(settings_json=settings_json, env=broker).start()
+    worker = Worker(queues=alone, env=env).start()
+    sweeper = Sweeper(settings_json=settings_json, env=env).start()
     try:
         wait_for(lambda: storage["t#0"].status.value == "finished", timeout=40,
                  message=f"the timer\n{sweeper.log()}\n{worker.log()}")
@@ -341,21 +316,13 @@ def test_a_far_start_on_a_redis_broker_runs_once_at_its_time(uid, counts):
     assert instance.metadata["started"] >= instance.start_after - 0.05
     assert counts(uid, "t#0") == 1 and instance.metadata["attempts"] == 1
     assert "timer" in _events(storage)
-    assert "redis://" in worker.log()  # the worker was on the Redis broker
+    assert ("redis://" if broker == "redis" else "amqp://") in worker.log()
 
 
 def test_broker_down_during_a_sweep_is_retried(uid, counts):
     """The sweep cannot reach the broker: the send is recorded as failed and owed again;
     a later sweep (broker back) sends it, once."""
-    child = run_child(f"""
-        import os, signal
-        from triggers import CacheStorageBackend, TriggerManager
-        manager = TriggerManager(CacheStorageBackend({uid!r}))
-        manager.update_configuration({{"t": {{"after": ["go"], "run": "tests.CountAlone"}}}})
-        TriggerManager.dispatch = lambda self, instances: os.kill(os.getpid(), signal.SIGKILL)
-        manager.fire("go")
-    """, TRIGGERS_TEST_SETTINGS=FAST)
-    child.communicate(timeout=120)
+    _fire_and_die_before_sending(uid)
     storage = CacheStorageBackend(uid)
     time.sleep(1.2)
     down = Sweeper(settings_json=FAST,
