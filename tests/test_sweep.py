@@ -500,9 +500,13 @@ def test_a_session_that_cannot_be_swept_does_not_hold_up_the_others(kind, uid, s
         return real_sweep(self)
 
     monkeypatch.setattr(TriggerManager, "sweep", sweep_or_fail)
+    # One session per pass. The database takes the soonest due first (the broken one);
+    # Redis's shards come in a random order.
     reports = [sweep(storage_key, limit=1, **options) for _ in range(3)]
-    assert reports[0].errors and reports[0].errors[0][0] == f"{uid}-broken"
     assert [(u, n) for r in reports for u, n, _kind in r.sent] == [(f"{uid}-fine", "t#0")]
+    assert [u for r in reports for u, _error in r.errors] == [f"{uid}-broken"]
+    if kind == "db_sqlite":
+        assert reports[0].errors
 
 
 def test_a_live_run_three_times_its_lease_is_never_taken_over(uid, counts):
