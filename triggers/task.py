@@ -167,7 +167,12 @@ class TriggerTask(Task):  # type: ignore[type-arg]
         from triggers.manager import build_manager
 
         trigger_manager = build_manager(manager, storage, uid, storage_options)
-        return self.execute_instance(trigger_manager, instance)
+        result, failure = self._execute(trigger_manager, instance)
+        if failure is not None:
+            # Recorded on the instance already; raised so that Celery ends the task in
+            # FAILURE with it (result backends, Flower, django-celery-results).
+            raise failure
+        return result
 
     def execute_in_thread(self, manager: TriggerManager, instance_name: str) -> Any:
         """Run an instance outside a worker (the threading runner), with a Celery request."""
@@ -179,10 +184,16 @@ class TriggerTask(Task):  # type: ignore[type-arg]
             self.pop_request()
 
     def execute_instance(self, manager: TriggerManager, instance_name: str) -> Any:
-        """Run one scheduled instance through the run protocol (:mod:`triggers.run`)."""
+        """Run one scheduled instance through the run protocol (:mod:`triggers.run`);
+        return the cascade's kwargs (``None`` if it did not finish)."""
+        return self._execute(manager, instance_name)[0]
+
+    def _execute(self, manager: TriggerManager,
+                 instance_name: str) -> tuple[Any, BaseException | None]:
+        """The cascade's kwargs, and the exception that failed the instance (if it did)."""
         run = Run.start(manager, instance_name)
         if run is None:
-            return None
+            return None, None
         instance = run.instance
         depth = int(instance.metadata.get("depth", 0))
         if self.request is not None:
@@ -195,17 +206,17 @@ class TriggerTask(Task):  # type: ignore[type-arg]
         except RetryInstance as retry:
             run.retry(retry.replacement_kwargs, retry.cooldown, retry.metadata,
                       context.log_level, retry.exc)
-            return None
+            return None, None
         except SkipInstance as skip:
             run.skip(skip.metadata, context.log_level)
-            return None
+            return None, None
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the instance
             logger.error("%s of session %r failed: %s: %s", instance_name, manager.storage.uid,
                          type(exc).__name__, exc, exc_info=True)
             run.fail(exc, max(context.log_level, logging.ERROR))
-            return None
+            return None, exc
         run.finish(cascade, context.log_level)
-        return cascade
+        return cascade, None
 
     def _run(self, context: TaskContext) -> Mapping[str, Any] | None:
         """Do the work. Return a mapping (or ``None``): the cascade's kwargs."""
