@@ -53,3 +53,15 @@ def test_a_duplicate_delivery_ends_in_success_and_changes_nothing(scheduled):
     run_through_celery(scheduled, "t_fail#0")
     again = run_through_celery(scheduled, "t_fail#0")  # the instance is failed already
     assert again.state == "SUCCESS" and again.result is None
+
+
+def test_the_celery_task_id_is_kept_with_the_instance(scheduled):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    result = run_through_celery(scheduled, "t_ok#0")
+    assert scheduled.storage["t_ok#0"].metadata["task_id"] == result.id
+    out = StringIO()
+    call_command("triggers", "inspect", scheduled.storage.uid, "--storage", "cache", stdout=out)
+    assert f"task_id={result.id}" in out.getvalue()

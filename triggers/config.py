@@ -160,7 +160,7 @@ def check_kwargs(value: Any, what: str, error: type[Exception] = InvalidArgument
 #: Metadata keys the engine computes and relies on; public calls may not set them.
 RESERVED_METADATA = frozenset({
     "attempts", "cooldown", "created", "delay", "depth", "log_level", "modified", "recoveries",
-    "lease", "run", "runner", "scheduled", "start_after", "started",
+    "lease", "run", "runner", "scheduled", "start_after", "started", "task_id",
 })
 
 

@@ -141,8 +141,9 @@ class Run:
     # -- starting -----------------------------------------------------------------
 
     @classmethod
-    def start(cls, manager: TriggerManager, name: str) -> Run | None:
-        """``scheduled`` → ``running``, atomically, with a new run token and a lease.
+    def start(cls, manager: TriggerManager, name: str, task_id: str | None = None) -> Run | None:
+        """``scheduled`` → ``running``, atomically, with a new run token and a lease (and
+        ``task_id``, the Celery task id of the delivery that runs it, in the metadata).
 
         ``None`` for an instance that is not scheduled — unless it is ``running``
         and its lease expired (its worker died): then this run takes it over (the
@@ -171,6 +172,10 @@ class Run:
                                 lease=round(stamp + lease_seconds(), 3),
                                 attempts=int(instance.metadata.get("attempts", 0)) + 1)
             instance.metadata.pop("dispatch_error", None)
+            if task_id:
+                instance.metadata["task_id"] = task_id
+            else:
+                instance.metadata.pop("task_id", None)
             step.save(instance)
             manager.fire_outcome(step, instance, DIRECTIVE_ON_START, {"instance": instance.name})
             attempts[instance.metadata["run"]] = (instance.copy(), step.fired)

@@ -167,7 +167,8 @@ class TriggerTask(Task):  # type: ignore[type-arg]
         from triggers.manager import build_manager
 
         trigger_manager = build_manager(manager, storage, uid, storage_options)
-        result, failure = self._execute(trigger_manager, instance)
+        result, failure = self._execute(trigger_manager, instance,
+                                        getattr(self.request, "id", None))
         if failure is not None:
             # Recorded on the instance already; raised so that Celery ends the task in
             # FAILURE with it (result backends, Flower, django-celery-results).
@@ -188,10 +189,10 @@ class TriggerTask(Task):  # type: ignore[type-arg]
         return the cascade's kwargs (``None`` if it did not finish)."""
         return self._execute(manager, instance_name)[0]
 
-    def _execute(self, manager: TriggerManager,
-                 instance_name: str) -> tuple[Any, BaseException | None]:
+    def _execute(self, manager: TriggerManager, instance_name: str,
+                 task_id: str | None = None) -> tuple[Any, BaseException | None]:
         """The cascade's kwargs, and the exception that failed the instance (if it did)."""
-        run = Run.start(manager, instance_name)
+        run = Run.start(manager, instance_name, task_id)
         if run is None:
             return None, None
         instance = run.instance

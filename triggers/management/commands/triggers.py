@@ -274,6 +274,8 @@ class Command(BaseCommand):
                 line += f" result={json.dumps(instance.metadata['result'], default=str)}"
             if instance.metadata.get("dispatch_error"):
                 line += f" dispatch_error={instance.metadata['dispatch_error']}"
+            if instance.metadata.get("task_id"):
+                line += f" task_id={instance.metadata['task_id']}"
             self.stdout.write(line)
             if instance.status.value == "failed" and instance.metadata.get("exc_traceback"):
                 for tb_line in str(instance.metadata["exc_traceback"]).rstrip().splitlines():
