@@ -135,6 +135,17 @@ def _one_pass(storage: str, options: dict[str, Any]) -> float:
     return took
 
 
+def _report(label: str, small_times: list[float], large_times: list[float],
+            large: int) -> dict[str, Any]:
+    """Print and return the medians of the passes beside few and many idle sessions."""
+    small, big = statistics.median(small_times), statistics.median(large_times)
+    print(f"{label}: pass with {DUE} due: {small * 1000:.1f} ms beside 100 idle sessions, "
+          f"{big * 1000:.1f} ms beside {large:,}: ratio {ratio(big, small)} "
+          f"({verdict(ratio(big, small) <= 1.5)})", flush=True)
+    return {"pass_ms_idle_100": round(small * 1000, 2),
+            f"pass_ms_idle_{large}": round(big * 1000, 2), "ratio": ratio(big, small)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10,000 idle sessions, 5 rounds")
@@ -165,13 +176,7 @@ def main() -> None:
         for name, options in (("small", small_options), ("large", large_options)):
             _make_due("redis", options)
             times[name].append(_one_pass("redis", options))
-    small, big = statistics.median(times["small"]), statistics.median(times["large"])
-    results["redis"] = {"pass_ms_idle_100": round(small * 1000, 2),
-                        f"pass_ms_idle_{large}": round(big * 1000, 2),
-                        "ratio": ratio(big, small)}
-    print(f"redis: pass with {DUE} due: {small * 1000:.1f} ms beside 100 idle sessions, "
-          f"{big * 1000:.1f} ms beside {large:,}: ratio {ratio(big, small)} "
-          f"({verdict(ratio(big, small) <= 1.5)})", flush=True)
+    results["redis"] = _report("redis", times["small"], times["large"], large)
     from triggers.storages.redis import client_for
 
     client = client_for(args.redis_url, False)
@@ -191,13 +196,7 @@ def main() -> None:
     db_small = [(_make_due("db", {}), _one_pass("db", {}))[1] for _ in range(rounds)]
     _idle_db(DUE, large - DUE)
     db_large = [(_make_due("db", {}), _one_pass("db", {}))[1] for _ in range(rounds)]
-    small, big = statistics.median(db_small), statistics.median(db_large)
-    results["db_sqlite"] = {"pass_ms_idle_100": round(small * 1000, 2),
-                            f"pass_ms_idle_{large}": round(big * 1000, 2),
-                            "ratio": ratio(big, small)}
-    print(f"db (SQLite): pass with {DUE} due: {small * 1000:.1f} ms beside 100 idle sessions, "
-          f"{big * 1000:.1f} ms beside {large:,}: ratio {ratio(big, small)} "
-          f"({verdict(ratio(big, small) <= 1.5)})", flush=True)
+    results["db_sqlite"] = _report("db (SQLite)", db_small, db_large, large)
     TriggerSession.objects.all().delete()
     path = write_results("sweep", results, args.reference)
     print(f"written to {path}")

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-__all__ = ["DEFAULTS", "TriggersSettings", "triggers_settings"]
+__all__ = ["DEFAULTS", "TriggersSettings", "setting", "triggers_settings"]
 
 #: Every key of the ``TRIGGERS`` setting, with its default.
 DEFAULTS: dict[str, Any] = {
@@ -115,6 +115,14 @@ class TriggersSettings:
 
 #: The settings object.
 triggers_settings = TriggersSettings()
+
+
+def setting(name: str) -> Any:
+    """``TRIGGERS[name]``, or its default where Django settings are not configured (the
+    library used without a project)."""
+    if settings.configured:
+        return getattr(triggers_settings, name)
+    return DEFAULTS[name]
 
 
 @receiver(setting_changed)

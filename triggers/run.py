@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from triggers import _json as stored_json
+from triggers.conf import setting
 from triggers.exceptions import (
     InstanceNotFound,
     InvalidTrigger,
@@ -77,19 +78,9 @@ logger = logging.getLogger(__name__)
 Kwargs = dict[str, Any]
 
 
-def _setting(name: str, default: Any) -> Any:
-    from django.conf import settings
-
-    if settings.configured:
-        from triggers.conf import triggers_settings
-
-        return getattr(triggers_settings, name)
-    return default
-
-
 def lease_seconds() -> float:
     """``TRIGGERS['LEASE']``: seconds a running instance's lease lasts."""
-    return float(_setting("LEASE", 60))
+    return float(setting("LEASE"))
 
 
 def _close_connections() -> None:
@@ -107,7 +98,7 @@ def spool_directory() -> Path:
     By default a directory of the system's temporary directory named after the
     project's settings module, so that two projects on one machine keep apart.
     """
-    configured = _setting("OUTCOME_SPOOL", None)
+    configured = setting("OUTCOME_SPOOL")
     if configured:
         return Path(configured)
     project = os.environ.get("DJANGO_SETTINGS_MODULE") or "default"
@@ -122,7 +113,7 @@ STALE_CLAIM = 600.0
 def _retrying(action: Callable[[], Any], doing: str,
               while_retrying: Callable[[], AbstractContextManager[Any]] | None = None) -> Any:
     """``action()`` with transient errors retried for ``TRIGGERS['OUTCOME_RETRY']`` s."""
-    return retry_transient(action, doing, float(_setting("OUTCOME_RETRY", 60)), while_retrying)
+    return retry_transient(action, doing, float(setting("OUTCOME_RETRY")), while_retrying)
 
 
 class Run:

@@ -22,8 +22,7 @@ Failed instances have no due time: they wait for a human (replay, skip).
 
 from __future__ import annotations
 
-from typing import Any
-
+from triggers.conf import setting
 from triggers.types import STATUS_RUNNING, STATUS_SCHEDULED, TaskInstance
 
 __all__ = ["CLAIM_SECONDS", "dispatch_grace", "due_at", "max_countdown", "redispatch_backoff",
@@ -34,24 +33,14 @@ __all__ = ["CLAIM_SECONDS", "dispatch_grace", "due_at", "max_countdown", "redisp
 CLAIM_SECONDS = 60.0
 
 
-def _setting(name: str, default: Any) -> Any:
-    from django.conf import settings
-
-    if settings.configured:
-        from triggers.conf import triggers_settings
-
-        return getattr(triggers_settings, name)
-    return default
-
-
 def dispatch_grace() -> float:
     """``TRIGGERS['DISPATCH_GRACE']``: seconds a dispatch may take before it is owed again."""
-    return float(_setting("DISPATCH_GRACE", 10))
+    return float(setting("DISPATCH_GRACE"))
 
 
 def max_countdown() -> float:
     """``TRIGGERS['MAX_COUNTDOWN']``: the longest countdown a message is sent with."""
-    return float(_setting("MAX_COUNTDOWN", 600))
+    return float(setting("MAX_COUNTDOWN"))
 
 
 def sent_later(instance: TaskInstance) -> bool:

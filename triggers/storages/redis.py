@@ -342,10 +342,6 @@ class DueIndex:
                     args=[uid, repr(until + CLAIM_SECONDS), json.dumps(members) if members
                           else "{}"])
 
-    def size(self) -> int:
-        """How many instances the index holds (for tests and monitoring)."""
-        return sum(int(self.client.zcard(self.key(n))) for n in range(DUE_SHARDS))
-
 
 #: Seconds (at least) the token of an applied step is kept, however many steps follow.
 TOKEN_WINDOW = 120.0
