@@ -25,8 +25,8 @@ from __future__ import annotations
 from triggers.conf import setting
 from triggers.types import STATUS_RUNNING, STATUS_SCHEDULED, TaskInstance
 
-__all__ = ["CLAIM_SECONDS", "dispatch_grace", "due_at", "max_countdown", "redispatch_backoff",
-           "sent_later"]
+__all__ = ["CLAIM_SECONDS", "dispatch_grace", "due_at", "format_time", "max_countdown",
+           "redispatch_backoff", "sent_later"]
 
 #: Seconds a sweep's claim on due work lasts: another sweep does not take it meanwhile, and
 #: work a sweep could not do (it failed, or died) comes back after that.
@@ -74,3 +74,16 @@ def due_at(instance: TaskInstance) -> float | None:
         return round(start - max_countdown(), 3)
     scheduled = float(metadata.get("scheduled", metadata.get("modified", 0)))
     return round(max(scheduled, start or 0.0) + dispatch_grace(), 3)
+
+
+def format_time(at: float) -> str:
+    """Epoch seconds as a time people read, in the project's time zone
+    (``2026-12-02 15:40:01.123 UTC``)."""
+    import datetime
+
+    from django.conf import settings
+    from django.utils import timezone
+
+    moment = datetime.datetime.fromtimestamp(float(at), tz=datetime.timezone.utc)
+    moment = timezone.localtime(moment) if settings.USE_TZ else moment.astimezone()
+    return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} {moment:%Z}"

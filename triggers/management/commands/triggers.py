@@ -8,7 +8,6 @@ without a traceback (``manage.py triggers --traceback …`` shows it); a usage e
 
 from __future__ import annotations
 
-import datetime
 import json
 from typing import Any, NoReturn, TextIO, cast
 
@@ -17,6 +16,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from triggers.exceptions import TriggersError
 from triggers.manager import TriggerManager, build_manager
 from triggers.storages.base import BaseTriggerStorage
+from triggers.timers import format_time
 from triggers.types import STATUS_RUNNING, STATUS_SCHEDULED, now
 
 
@@ -62,16 +62,6 @@ def _where(storage: BaseTriggerStorage) -> str:
 def _missing_table(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "no such table" in text or ("relation" in text and "does not exist" in text)
-
-
-def _format_time(at: float) -> str:
-    """Epoch seconds as a readable time in the project's time zone."""
-    from django.conf import settings
-    from django.utils import timezone
-
-    moment = datetime.datetime.fromtimestamp(at, tz=datetime.timezone.utc)
-    moment = timezone.localtime(moment) if settings.USE_TZ else moment.astimezone()
-    return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} {moment:%Z}"
 
 
 def _describe_event(event: dict[str, Any]) -> str:
@@ -253,7 +243,7 @@ class Command(BaseCommand):
                 "this UID (check the UID, and --storage, --database or --cache)")
         if options["json"]:
             if options["timeline"]:
-                data["history"] = [{**event, "time": _format_time(event["at"])}
+                data["history"] = [{**event, "time": format_time(event["at"])}
                                    for event in history]
             self.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str))
             return
@@ -295,7 +285,7 @@ class Command(BaseCommand):
         for event in history:
             at = float(event["at"])
             self.stdout.write(
-                f"  {_format_time(at)}  {f'+{at - first:.3f}s':>10}  {event.get('event', '?'):<10} "
+                f"  {format_time(at)}  {f'+{at - first:.3f}s':>10}  {event.get('event', '?'):<10} "
                 f"{_describe_event(event):<40} {event.get('process', '')}".rstrip())
 
     def do_replay(self, options: dict[str, Any]) -> None:

@@ -1,0 +1,433 @@
+"""The admin's session and instance pages, read through the storage contract.
+
+They show a session of any browsable storage — the database, and the configured
+``TRIGGERS['STORAGE']`` (a cache or Redis) — the same way: the workflow graph
+(:mod:`triggers.graph`), the timeline of the session's history, the instances with
+their state; an instance with its times, exception, traceback and kwargs, and the
+manager's repair operations (replay with edited kwargs, skip with a cascade and a
+result, recover) behind a confirmation page.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+from django.contrib import messages
+from django.contrib.admin import AdminSite
+from django.core.exceptions import PermissionDenied
+from django.db import router
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.safestring import mark_safe
+from django.utils.timesince import timesince
+
+from triggers.config import check_kwargs, check_kwargs_map
+from triggers.exceptions import InvalidArgument, TriggersError
+from triggers.graph import DISPATCH_ERROR_COLOUR, STATUS_COLOURS, workflow_svg
+from triggers.manager import TriggerManager, build_manager
+from triggers.timers import format_time
+from triggers.types import (
+    STATUS_FAILED,
+    STATUS_RUNNING,
+    STATUS_SCHEDULED,
+    STATUS_UNSTARTED,
+    TaskInstance,
+    now,
+)
+
+__all__ = ["ACTIONS", "browsable_storages", "instance_page", "instance_url", "open_manager",
+           "session_page", "session_url", "sessions_page", "status_badge", "when"]
+
+#: The repair operations an instance page offers (``triggers.change_triggerinstance``).
+ACTIONS = ("replay", "skip", "recover")
+#: Sessions listed per page for a storage without a database table.
+PAGE_SIZE = 50
+#: Metadata keys that the instance page shows in their own places.
+_SHOWN = {"exc_type", "exc_message", "exc_traceback", "dispatch_error", "result", "task_id",
+          "created", "modified", "scheduled", "started", "finished", "start_after"}
+_TIMES = (("created", "created"), ("scheduled", "scheduled"), ("start_after", "may start at"),
+          ("started", "started"), ("finished", "finished"), ("modified", "last changed"))
+
+
+def browsable_storages() -> list[str]:
+    """Registry keys of the storages the admin browses: ``db`` and the configured one."""
+    from triggers.conf import triggers_settings
+
+    keys = ["db"]
+    if triggers_settings.STORAGE not in keys:
+        keys.append(str(triggers_settings.STORAGE))
+    return keys
+
+
+def _options(storage: str, using: str | None = None) -> dict[str, Any]:
+    from triggers.conf import triggers_settings
+    from triggers.models import TriggerSession
+
+    if storage not in browsable_storages():
+        raise Http404(f"The admin does not browse storage {storage!r}; it browses "
+                      f"{', '.join(browsable_storages())} (TRIGGERS['STORAGE'] and 'db').")
+    options = triggers_settings.storage_options(storage)
+    if storage == "db":
+        options["using"] = using or router.db_for_read(TriggerSession)
+    return options
+
+
+def open_manager(storage: str, uid: str, using: str | None = None) -> TriggerManager:
+    """The configured manager over session ``uid`` of a browsable storage."""
+    from triggers.conf import triggers_settings
+
+    if not uid:
+        raise Http404("Which session? Give its UID (?uid=…).")
+    return build_manager(triggers_settings.MANAGER, storage, uid, _options(storage, using))
+
+
+def session_url(storage: str, uid: str) -> str:
+    return (reverse("admin:triggers_storage_session", args=[storage]) + "?"
+            + urlencode({"uid": uid}))
+
+
+def instance_url(storage: str, uid: str, name: str) -> str:
+    return (reverse("admin:triggers_storage_instance", args=[storage]) + "?"
+            + urlencode({"uid": uid, "name": name}))
+
+
+def when(at: Any) -> str:
+    """Epoch seconds as ``2026-12-02 15:40:01.123 UTC (3 minutes ago)``."""
+    import datetime
+
+    if not isinstance(at, (int, float)) or isinstance(at, bool):
+        return ""
+    moment = datetime.datetime.fromtimestamp(float(at), tz=datetime.timezone.utc)
+    current = datetime.datetime.now(tz=datetime.timezone.utc)
+    relative = (f"in {timesince(current, moment)}" if moment > current
+                else f"{timesince(moment, current)} ago")
+    return f"{format_time(at)} ({relative})"
+
+
+def status_badge(status: str, dispatch_error: bool = False) -> str:
+    """A coloured status label (HTML)."""
+    from django.utils.html import format_html
+
+    colour = DISPATCH_ERROR_COLOUR if dispatch_error else STATUS_COLOURS.get(status, "#607d8b")
+    label = f"{status} · not sent" if dispatch_error else status
+    return str(format_html('<span class="triggers-status" style="background:{}">{}</span>',
+                           colour, label))
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=repr)
+
+
+def _sort_key(instance: TaskInstance) -> tuple[str, int]:
+    return instance.task_name, instance.number
+
+
+def _can_view(request: HttpRequest, model: str) -> bool:
+    user: Any = request.user
+    return bool(user.is_active and user.is_staff and (
+        user.has_perm(f"triggers.view_{model}") or user.has_perm(f"triggers.change_{model}")))
+
+
+def _can_change(request: HttpRequest) -> bool:
+    user: Any = request.user
+    return bool(user.is_active and user.is_staff
+                and user.has_perm("triggers.change_triggerinstance"))
+
+
+def _load(manager: TriggerManager) -> dict[str, Any]:
+    storage = manager.storage
+    tasks = storage.tasks
+    instances = sorted(storage.iter_instances(), key=_sort_key)
+    latest = storage.latest_kwargs
+    history = storage.history()
+    if not tasks and not instances and not latest and not history:
+        raise Http404(f"No session {storage.uid!r} in this storage: nothing is stored under "
+                      "this UID.")
+    return {"tasks": tasks, "instances": instances, "latest": latest, "history": history}
+
+
+def timeline(history: list[dict[str, Any]], latest: dict[str, dict[str, Any]],
+             link: Callable[[str], str]) -> list[dict[str, Any]]:
+    """Rows of the timeline: time, offset from the first event, event, subject, details
+    (a trigger's kwargs when they are the latest ones kept, a run's duration)."""
+    if not history:
+        return []
+    first = float(history[0]["at"])
+    last_fire = {event.get("trigger"): index for index, event in enumerate(history)
+                 if event.get("event") == "fired"}
+    started: dict[str, float] = {}
+    rows = []
+    for index, event in enumerate(history):
+        kind, at = str(event.get("event", "?")), float(event["at"])
+        instance, trigger = event.get("instance"), event.get("trigger")
+        detail = ""
+        if kind == "fired" and trigger is not None:
+            if last_fire.get(trigger) == index and trigger in latest:
+                detail = "kwargs " + json.dumps(latest[trigger], sort_keys=True, default=str)
+            elif event.get("size") is not None:
+                detail = f"kwargs of {event['size']} bytes (later fires replaced them)"
+        elif kind == "configured" and event.get("size") is not None:
+            detail = f"{event['size']} task(s)"
+        elif kind == "started" and instance is not None:
+            started[instance] = at
+        elif kind in ("finished", "failed", "retried") and instance in started:
+            detail = f"ran {at - started.pop(instance):.3f} s"
+        if event.get("run"):
+            detail = f"{detail} run {event['run']}".strip()
+        rows.append({
+            "time": format_time(at), "offset": f"+{at - first:.3f} s", "event": kind,
+            "colour": STATUS_COLOURS.get(kind, "#607d8b"), "trigger": trigger,
+            "instance": instance, "url": link(instance) if instance else None,
+            "detail": detail, "process": event.get("process", ""),
+        })
+    return rows
+
+
+def _context(request: HttpRequest, site: AdminSite, title: str, **extra: Any) -> dict[str, Any]:
+    return {**site.each_context(request), "title": title, "opts": _session_opts(),
+            "storages": browsable_storages(), **extra}
+
+
+def _session_opts() -> Any:
+    from triggers.models import TriggerSession
+
+    return TriggerSession._meta
+
+
+def sessions_page(request: HttpRequest, site: AdminSite, storage: str) -> HttpResponse:
+    """The sessions of a storage, through ``session_uids`` (a page of ``PAGE_SIZE``), with
+    their failed / waiting / scheduled / running counts."""
+    import itertools
+
+    if not _can_view(request, "triggersession"):
+        raise PermissionDenied
+    from triggers.storages import storage_backends
+
+    options = _options(storage)
+    try:
+        page = max(int(request.GET.get("page", 1)), 1)
+    except ValueError:
+        page = 1
+    wanted = request.GET.get("q", "").strip()
+    uids = (uid for uid in storage_backends.get_class(storage).session_uids(**options)
+            if wanted in uid)
+    chunk = list(itertools.islice(uids, (page - 1) * PAGE_SIZE, page * PAGE_SIZE + 1))
+    rows = []
+    for uid in sorted(chunk[:PAGE_SIZE]):
+        counts = Counter(instance.status.value for instance in
+                         open_manager(storage, uid).storage.get_unresolved_instances())
+        rows.append({"uid": uid, "url": session_url(storage, uid), "counts": [
+            (status, counts[status], STATUS_COLOURS[status])
+            for status in ("failed", "unstarted", "scheduled", "running") if counts[status]]})
+    return TemplateResponse(request, "triggers/admin/sessions.html", _context(
+        request, site, f"Trigger sessions in storage {storage!r}", storage=storage, rows=rows,
+        page=page, query=wanted, has_next=len(chunk) > PAGE_SIZE))
+
+
+def session_page(request: HttpRequest, site: AdminSite, storage: str, uid: str,
+                 using: str | None = None) -> HttpResponse:
+    """A session: counts, workflow graph, instances, timeline, configuration."""
+    if not _can_view(request, "triggersession"):
+        raise PermissionDenied
+    manager = open_manager(storage, uid, using)
+    data = _load(manager)
+    instances: list[TaskInstance] = data["instances"]
+
+    def link(name: str) -> str:
+        return instance_url(storage, uid, name)
+
+    counts = Counter(instance.status.value for instance in instances)
+    return TemplateResponse(request, "triggers/admin/session.html", _context(
+        request, site, f"Trigger session {uid}", storage=storage, uid=uid,
+        graph=mark_safe(workflow_svg(data["tasks"], instances, fired=set(data["latest"]),  # noqa: S308 - escaped by workflow_svg
+                                     link=lambda instance: link(instance.name))),
+        counts=[(status, counts[status], STATUS_COLOURS[status])
+                for status in STATUS_COLOURS if counts[status]],
+        instances=[{
+            "name": instance.name, "url": link(instance.name), "task": instance.task_name,
+            "badge": mark_safe(status_badge(instance.status.value,  # noqa: S308 - format_html
+                                            bool(instance.metadata.get("dispatch_error")))),
+            "note": _note(instance), "modified": when(instance.metadata.get("modified")),
+        } for instance in instances],
+        timeline=timeline(data["history"], data["latest"], link),
+        tasks=[(name, json.dumps(config.to_dict(), sort_keys=True))
+               for name, config in data["tasks"].items()],
+        latest=_pretty(data["latest"]), can_change=_can_change(request),
+        recover_after=_recover_after()))
+
+
+def _recover_after() -> float:
+    from triggers.conf import triggers_settings
+
+    return float(triggers_settings.RECOVER_AFTER)
+
+
+def _note(instance: TaskInstance) -> str:
+    meta = instance.metadata
+    if instance.status == STATUS_FAILED:
+        return f"{meta.get('exc_type', '')}: {meta.get('exc_message', '')}"
+    if meta.get("dispatch_error"):
+        return f"not sent: {meta['dispatch_error']}"
+    if instance.status == STATUS_UNSTARTED:
+        return "waits for " + ", ".join(instance.missing_triggers)
+    if "result" in meta:
+        return "result " + json.dumps(meta["result"], sort_keys=True, default=str)[:120]
+    return ""
+
+
+def _get_instance(manager: TriggerManager, name: str) -> TaskInstance:
+    try:
+        return manager.storage.get_instance(name)
+    except (KeyError, TriggersError) as exc:
+        raise Http404(f"No instance {name!r} in session {manager.storage.uid!r}.") from exc
+
+
+def instance_page(request: HttpRequest, site: AdminSite, storage: str, uid: str, name: str,
+                  using: str | None = None, errors: dict[str, str] | None = None,
+                  values: dict[str, str] | None = None) -> HttpResponse:
+    """An instance: status, exception and traceback first, times, kwargs, metadata, and
+    the repair operations it allows."""
+    if not _can_view(request, "triggerinstance"):
+        raise PermissionDenied
+    manager = open_manager(storage, uid, using)
+    instance = _get_instance(manager, name)
+    meta = instance.metadata
+    times = [(label, when(meta[key])) for key, label in _TIMES
+             if isinstance(meta.get(key), (int, float))]
+    if isinstance(meta.get("started"), (int, float)) and isinstance(
+            meta.get("finished"), (int, float)):
+        times.append(("ran for", f"{float(meta['finished']) - float(meta['started']):.3f} s"))
+    values = {"kwargs": _pretty(instance.kwargs), "result": "{}", "cascade": "",
+              "older_than": "0", **(values or {})}
+    status = instance.status
+    return TemplateResponse(request, "triggers/admin/instance.html", _context(
+        request, site, f"Trigger instance {name}", storage=storage, uid=uid, name=name,
+        session_url=session_url(storage, uid), instance=instance, task=instance.task_name,
+        badge=mark_safe(status_badge(status.value,  # noqa: S308 - built by format_html
+                                     bool(meta.get("dispatch_error")))),
+        exception=(f"{meta.get('exc_type', '')}: {meta.get('exc_message', '')}"
+                   if "exc_type" in meta else ""),
+        traceback=meta.get("exc_traceback") or "", dispatch_error=meta.get("dispatch_error"),
+        task_id=meta.get("task_id"), times=times,
+        waits_for=instance.missing_triggers if status == STATUS_UNSTARTED else [],
+        kwargs=_pretty(instance.kwargs),
+        result=_pretty(meta["result"]) if "result" in meta else None,
+        metadata=_pretty({k: v for k, v in meta.items() if k not in _SHOWN}),
+        can_change=_can_change(request),
+        allowed={"replay": instance.can_replay, "skip": instance.can_skip,
+                 "recover": status in (STATUS_SCHEDULED, STATUS_RUNNING)},
+        errors=errors or {}, values=values,
+        actions={action: reverse("admin:triggers_storage_action", args=[storage, action])
+                 for action in ACTIONS},
+        recover_after=_recover_after()), status=400 if errors else 200)
+
+
+def _parse(action: str, post: Any) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """The arguments of an action from its form, the errors by field, and what the
+    confirmation page says will happen."""
+    arguments: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    plan: list[str] = []
+    if action == "replay":
+        text = post.get("kwargs", "").strip()
+        try:
+            kwargs = json.loads(text) if text else None
+            arguments["replacement_kwargs"] = (
+                None if kwargs is None else check_kwargs_map(kwargs, "kwargs"))
+        except ValueError as exc:
+            errors["kwargs"] = f"Not valid JSON: {exc}. Write an object: trigger → kwargs."
+        except InvalidArgument as exc:
+            errors["kwargs"] = str(exc)
+        plan.append("The instance becomes replayed and a copy of it is scheduled at once, "
+                    "with these kwargs:")
+    elif action == "skip":
+        arguments["cascade"] = post.get("cascade") in ("on", "1", "true", "yes")
+        text = post.get("result", "").strip()
+        try:
+            arguments["result"] = check_kwargs(json.loads(text) if text else None, "result")
+        except ValueError as exc:
+            errors["result"] = f"Not valid JSON: {exc}. Write an object, e.g. {{}}."
+        except InvalidArgument as exc:
+            errors["result"] = str(exc)
+        plan.append("The instance becomes skipped" + (
+            ", and its task fires as if it had finished (a cascade), with this result:"
+            if arguments["cascade"] else "; nothing cascades."))
+    elif action == "recover":
+        try:
+            older_than = float(post.get("older_than", ""))
+            if older_than < 0 or older_than != older_than:
+                raise ValueError
+            arguments["older_than"] = older_than
+        except ValueError:
+            errors["older_than"] = (f"Give a number of seconds >= 0, got "
+                                    f"{post.get('older_than', '')!r}.")
+        plan.append("Every instance of the session scheduled or running for longer than "
+                    f"{post.get('older_than', '')} s, whose lease (if any) expired, is sent "
+                    "again (a running one goes back to scheduled first).")
+    else:
+        raise Http404(f"No action {action!r}; actions: {', '.join(ACTIONS)}.")
+    return arguments, errors, plan
+
+
+def action_view(request: HttpRequest, site: AdminSite, storage: str, action: str
+                ) -> HttpResponse:
+    """Run a repair operation on an instance: validate the form, confirm, then do it."""
+    if request.method != "POST":
+        raise Http404("Actions are posted from an instance's page.")
+    if not _can_change(request):
+        raise PermissionDenied
+    uid, name = request.POST.get("uid", ""), request.POST.get("name", "")
+    manager = open_manager(storage, uid)
+    # Recover also applies to a whole session (posted from its page, without a name).
+    whole_session = action == "recover" and not name
+    instance = None if whole_session else _get_instance(manager, name)
+    if instance is None:
+        _load(manager)  # a session that does not exist is a 404
+    arguments, errors, plan = _parse(action, request.POST)
+    values = {key: request.POST.get(key, "") for key in ("kwargs", "result", "cascade",
+                                                          "older_than")}
+    if errors and whole_session:
+        messages.error(request, errors["older_than"])
+        return HttpResponseRedirect(session_url(storage, uid))
+    if errors:
+        return instance_page(request, site, storage, uid, name, errors=errors, values=values)
+    back = session_url(storage, uid) if whole_session else instance_url(storage, uid, name)
+    if request.POST.get("confirmed") != "yes":
+        shown = {"replay": arguments.get("replacement_kwargs") or (
+                     instance.kwargs if instance is not None else None),
+                 "skip": arguments.get("result") if arguments.get("cascade") else None,
+                 "recover": None}[action]
+        return TemplateResponse(request, "triggers/admin/confirm.html", _context(
+            request, site, f"{action.capitalize()} {name}?", storage=storage, uid=uid,
+            name=name, action=action, plan=plan,
+            shown=None if shown is None else _pretty(shown), values=values, back=back,
+            session_url=session_url(storage, uid), instance_link=back,
+            post_url=reverse("admin:triggers_storage_action", args=[storage, action])))
+    try:
+        if action == "replay":
+            copy = manager.replay_failed_instance(name, arguments["replacement_kwargs"])
+            messages.success(request, f"Replayed {name}: {copy.name} is scheduled.")
+            back = instance_url(storage, uid, copy.name)
+        elif action == "skip":
+            manager.skip_failed_instance(name, cascade=arguments["cascade"],
+                                         result=arguments["result"])
+            messages.success(request, f"Skipped {name}" + (
+                " and fired its task (cascade)." if arguments["cascade"] else "."))
+        else:
+            since = now()
+            recovered = [found.name for found in manager.recover(arguments["older_than"])]
+            if recovered:
+                messages.success(request, f"Recovered (sent again): {', '.join(recovered)}.")
+            else:
+                messages.warning(request, "Nothing was recovered: no instance of the session "
+                                 f"was stuck for longer than {arguments['older_than']:g} s "
+                                 "with its lease expired (checked at "
+                                 f"{format_time(since)}).")
+    except TriggersError as exc:
+        messages.error(request, f"Could not {action} {name or uid}: {exc}")
+    return HttpResponseRedirect(back)
