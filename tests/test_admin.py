@@ -110,33 +110,73 @@ def test_nothing_is_writable_without_permissions(session, client):
     assert client.get(add_url).status_code == 403
 
 
-def test_failed_instance_in_a_real_browser(session, live_server):
-    """Headless Chromium logs in and shows a failed instance; the screenshot is kept."""
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "_static"
+
+
+def test_admin_pages_in_a_real_browser(uid, live_server):
+    """Headless Chromium logs in, reads the session list at 1,400 px, the session page
+    (graph, timeline) and a failed instance's page, then replays it with edited kwargs
+    through the confirmation page. The screenshots of the two pages are the ones in
+    docs/admin.rst (TRIGGERS_TEST_UPDATE_SCREENSHOTS=1 writes them there)."""
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("Chromium is not installed; install Debian's package: "
                     "apt-get install -y chromium")
+    uid = "order-20261202-0042"
+    manager = TriggerManager(DatabaseStorageBackend(uid))
+    manager.update_configuration({
+        "charge_card": {"after": ["order_placed"], "run": "tests.ChargeCard"},
+        "reserve_stock": {"after": ["order_placed"], "run": "tests.Echo"},
+        "notify_warehouse": {"after": ["reserve_stock"], "run": "tests.Echo"},
+        "ship_order": {"after": ["charge_card", "notify_warehouse"], "unless": ["cancelled"],
+                       "run": "tests.Echo"},
+        "send_receipt": {"after": ["ship_order", "address_confirmed"], "run": "tests.Echo"},
+    })
+    manager.fire("address_confirmed", {"address": "1 Main St"})
+    manager.fire("order_placed", {"order": 42, "card_ok": False})
+    ThreadingTaskRunner.join_all()
     User.objects.create_superuser("admin", "admin@example.org", "secret-password")
-    ARTIFACTS.mkdir(exist_ok=True)
-    screenshot = ARTIFACTS / "failed-instance.png"
-    url = live_server.url + reverse("admin:triggers_triggerinstance_change",
-                                    args=[failed_pk(session)])
+    update = os.environ.get("TRIGGERS_TEST_UPDATE_SCREENSHOTS") == "1"
+    shots = SCREENSHOTS if update else ARTIFACTS
+    shots.mkdir(exist_ok=True)
     os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.goto(url)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(live_server.url + reverse("admin:triggers_triggersession_changelist"))
             page.fill("#id_username", "admin")
             page.fill("#id_password", "secret-password")
             page.click("input[type=submit]")
+            page.wait_for_selector(f"text={uid}")
+            for listing in ("triggersession", "triggerinstance"):
+                page.goto(live_server.url + reverse(f"admin:triggers_{listing}_changelist"))
+                overflow = page.evaluate("document.documentElement.scrollWidth")
+                assert overflow <= 1400, f"the {listing} list is {overflow} px wide"
+            page.goto(live_server.url + reverse("admin:triggers_triggersession_change",
+                                                args=[uid]))
+            assert page.locator("svg.triggers-graph g.node").count() == 8  # 5 tasks, 3 triggers
+            assert "waits for charge_card" in page.locator("svg.triggers-graph").inner_html()
+            page.screenshot(path=str(shots / "admin-session.png"), full_page=True)
+            page.click('svg.triggers-graph g[data-node="charge_card"]')
             page.wait_for_selector("text=Traceback (most recent call last)")
-            assert "ValueError: not fixed yet" in page.content()
-            page.screenshot(path=str(screenshot), full_page=True)
+            assert "ValueError: card declined for order 42" in page.content()
+            page.screenshot(path=str(shots / "admin-instance.png"), full_page=True)
+            page.fill("#id_kwargs", '{"order_placed": {"order": 42, "card_ok": true}}')
+            page.click("input[value='Replay…']")
+            page.wait_for_selector("text=Are you sure?")
+            page.click("input[value^='Yes, replay']")
+            page.wait_for_selector("text=Replayed charge_card#0: charge_card#1 is scheduled.")
         finally:
             browser.close()
-    assert screenshot.stat().st_size > 10_000
+    ThreadingTaskRunner.join_all()
+    storage = manager.storage
+    assert storage["charge_card#1"].status.value == "finished"
+    assert storage["send_receipt#0"].status.value == "finished"  # the workflow went on
+    assert (shots / "admin-session.png").stat().st_size > 20_000
+    assert (shots / "admin-instance.png").stat().st_size > 20_000
+    storage.delete()

@@ -34,7 +34,7 @@ STATUS_COLOURS: dict[str, str] = {
 DISPATCH_ERROR_COLOUR = "#d84315"
 NOT_CREATED_COLOUR = "#eceff1"
 
-_WIDTH, _HEIGHT, _COLUMN, _ROW, _MARGIN = 220, 58, 290, 82, 16
+_WIDTH, _HEIGHT, _COLUMN, _ROW, _MARGIN = 190, 58, 240, 78, 16
 
 
 @dataclass
@@ -153,12 +153,27 @@ def _layout(nodes: dict[str, _Node], edges: list[tuple[str, str, str]]) -> None:
                 columns[key], changed = wanted, True
         if not changed:
             break
-    rows: dict[int, int] = {}
-    for key in sorted(nodes, key=lambda k: (columns[k], nodes[k].kind != "trigger", k)):
-        node = nodes[key]
-        node.column = columns[key]
-        node.row = rows.get(node.column, 0)
-        rows[node.column] = node.row + 1
+    # A trigger fired from outside sits just left of the first task that waits for it.
+    targets: dict[str, list[str]] = {}
+    for source, target, _kind in edges:
+        targets.setdefault(source, []).append(target)
+    for key, node in nodes.items():
+        if node.kind == "trigger" and not incoming[key] and targets.get(key):
+            columns[key] = max(min(columns[t] for t in targets[key]) - 1, 0)
+    by_column: dict[int, list[str]] = {}
+    for key in sorted(nodes, key=lambda k: (nodes[k].kind != "trigger", k)):
+        by_column.setdefault(columns[key], []).append(key)
+    # Rows: each column ordered by the mean row of what leads to it (fewer crossings).
+    placed: dict[str, float] = {}
+    for column in sorted(by_column):
+        keys = by_column[column]
+        for index, key in enumerate(keys):
+            rows_before = [placed[s] for s in incoming[key] if s in placed]
+            placed[key] = sum(rows_before) / len(rows_before) if rows_before else index
+        keys.sort(key=lambda k: (placed[k], k))
+        for row, key in enumerate(keys):
+            nodes[key].column, nodes[key].row = column, row
+            placed[key] = row
 
 
 def _draw(nodes: dict[str, _Node], edges: list[tuple[str, str, str]]) -> str:
@@ -167,6 +182,7 @@ def _draw(nodes: dict[str, _Node], edges: list[tuple[str, str, str]]) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="triggers-graph" width="{width}" '
         f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        'style="max-width:100%;height:auto" '
         'aria-label="workflow graph" font-family="sans-serif" font-size="12">',
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
         'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '

@@ -235,3 +235,15 @@ class Types(TriggerTask):
         kwargs = context.trigger_kwargs["typed"]
         return {"types": {key: type(value).__name__ for key, value in kwargs.items()},
                 "values": kwargs}
+
+
+class ChargeCard(TriggerTask):
+    """Fails unless the kwargs of trigger ``order_placed`` say ``card_ok: True``."""
+
+    name = "tests.ChargeCard"
+
+    def _run(self, context):
+        order = context.trigger_kwargs.get("order_placed", {})
+        if not order.get("card_ok"):
+            raise ValueError(f"card declined for order {order.get('order')}")
+        return {"charged": order.get("order")}

@@ -4,7 +4,7 @@ the configured storage (a cache, Redis) read through the storage contract.
 Everything is read-only: statuses change only through the trigger manager, so the admin
 offers the manager's own operations — replay (with edited kwargs), skip (with a cascade)
 and recover — which need the ``change`` permission on trigger instances. A session's
-page shows its workflow graph and timeline (:mod:`triggers.admin.pages`).
+page shows its workflow graph and timeline (``triggers.admin.pages``).
 """
 
 from __future__ import annotations

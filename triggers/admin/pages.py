@@ -50,6 +50,10 @@ PAGE_SIZE = 50
 #: Metadata keys that the instance page shows in their own places.
 _SHOWN = {"exc_type", "exc_message", "exc_traceback", "dispatch_error", "result", "task_id",
           "created", "modified", "scheduled", "started", "finished", "start_after"}
+#: Colours of the history events that are not named after a status.
+_EVENT_COLOURS = {"fired": "#f9a825", "configured": "#455a64", "created": "#78909c",
+                  "started": "#ef6c00", "recovered": "#00838f", "redispatched": "#00838f",
+                  "takeover": "#00838f", "timer": "#00838f"}
 _TIMES = (("created", "created"), ("scheduled", "scheduled"), ("start_after", "may start at"),
           ("started", "started"), ("finished", "finished"), ("modified", "last changed"))
 
@@ -181,7 +185,8 @@ def timeline(history: list[dict[str, Any]], latest: dict[str, dict[str, Any]],
             detail = f"{detail} run {event['run']}".strip()
         rows.append({
             "time": format_time(at), "offset": f"+{at - first:.3f} s", "event": kind,
-            "colour": STATUS_COLOURS.get(kind, "#607d8b"), "trigger": trigger,
+            "colour": _EVENT_COLOURS.get(kind) or STATUS_COLOURS.get(kind, "#607d8b"),
+            "trigger": trigger,
             "instance": instance, "url": link(instance) if instance else None,
             "detail": detail, "process": event.get("process", ""),
         })
