@@ -12,8 +12,6 @@ from django.conf import settings
 
 from triggers.runners import ThreadingTaskRunner
 
-pytest_plugins = ["triggers.testing"]
-
 
 def pytest_collection_modifyitems(items):
     """Tests run on a database storage kind get the (transactional) test databases."""
