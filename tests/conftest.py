@@ -130,3 +130,13 @@ def _pings(client):
         return client.ping()
     except redis.RedisError:
         return False
+
+
+@pytest.fixture
+def admin_client_(client):
+    """The test client logged in as a superuser (admin pages)."""
+    from django.contrib.auth.models import User
+
+    user = User.objects.create_superuser("admin", "admin@example.org", "secret-password")
+    client.force_login(user)
+    return client

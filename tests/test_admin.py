@@ -31,13 +31,6 @@ def session(uid):
     return manager
 
 
-@pytest.fixture
-def admin_client_(client):
-    user = User.objects.create_superuser("admin", "admin@example.org", "secret-password")
-    client.force_login(user)
-    return client
-
-
 def failed_pk(manager):
     return TriggerInstance.objects.get(session_id=manager.storage.uid, name="t_fail#0").pk
 

@@ -36,13 +36,6 @@ def build(storage):
 
 
 @pytest.fixture
-def admin_client_(client):
-    user = User.objects.create_superuser("admin", "admin@example.org", "secret-password")
-    client.force_login(user)
-    return client
-
-
-@pytest.fixture
 def session(uid):
     return build(DatabaseStorageBackend(uid))
 

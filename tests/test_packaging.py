@@ -147,7 +147,7 @@ def test_the_sdist_carries_the_tests_the_docs_and_the_license(sdist):
         top = names[0].split("/")[0]
         files = {name[len(top) + 1:] for name in names if "/" in name}
         pkg_info = archive.extractfile(f"{top}/PKG-INFO").read().decode()
-    for expected in ("tests/conftest.py", "tests/settings.py", "tests/app/tasks.py",
+    for expected in ("conftest.py", "tests/conftest.py", "tests/settings.py", "tests/app/tasks.py",
                      "tests/testdist/pyproject.toml", "tests/urls_async.py", "manage.py",
                      "docs/index.rst", "docs/conf.py", "LICENSE", "README.rst", "tox.ini",
                      "triggers/signals.py", "triggers/py.typed"):
@@ -167,7 +167,7 @@ def test_the_sdist_carries_the_tests_the_docs_and_the_license(sdist):
 
 def test_the_sdist_test_suite_is_complete(sdist, tmp_path):
     """The unpacked sdist imports its own code, passes Django's checks and collects every
-    test module of the working tree."""
+    test module of the working tree, and the examples of README.rst and docs/."""
     with tarfile.open(sdist) as archive:
         archive.extractall(tmp_path, filter="data")
     (unpacked,) = tmp_path.glob("triggers-*")
@@ -184,6 +184,9 @@ def test_the_sdist_test_suite_is_complete(sdist, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     collected = {line.split("::")[0] for line in result.stdout.splitlines() if "::" in line}
     expected = {f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py")}
+    expected |= {str(path.relative_to(ROOT)) for path in [ROOT / "README.rst",
+                                                          *(ROOT / "docs").glob("*.rst")]
+                 if ".. code-block:: python" in path.read_text() or ">>> " in path.read_text()}
     assert collected == expected
 
 

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.urls import URLPattern, path, reverse
@@ -50,6 +51,15 @@ def _manager_for(instance: TriggerInstance, using: str) -> Any:
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    def viewable(self, request: HttpRequest, object_id: str) -> Any:
+        """The object ``object_id`` that the user may view, or 404 / 403."""
+        found = self.get_object(request, object_id)
+        if found is None:
+            raise Http404(f"No {self.opts.verbose_name} with primary key {object_id!r}.")
+        if not self.has_view_or_change_permission(request, found):
+            raise PermissionDenied
+        return found
+
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
@@ -109,13 +119,7 @@ class TriggerSessionAdmin(ReadOnlyAdmin):
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
                     extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        found = self.get_object(request, object_id)
-        if found is None:
-            raise Http404(f"No {self.opts.verbose_name} with primary key {object_id!r}.")
-        if not self.has_view_or_change_permission(request, found):
-            from django.core.exceptions import PermissionDenied
-
-            raise PermissionDenied
+        found = self.viewable(request, object_id)
         return pages.session_page(request, self.admin_site, "db", found.uid,
                                   using=found._state.db)
 
@@ -159,13 +163,7 @@ class TriggerInstanceAdmin(ReadOnlyAdmin):
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
                     extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        found = self.get_object(request, object_id)
-        if found is None:
-            raise Http404(f"No {self.opts.verbose_name} with primary key {object_id!r}.")
-        if not self.has_view_or_change_permission(request, found):
-            from django.core.exceptions import PermissionDenied
-
-            raise PermissionDenied
+        found = self.viewable(request, object_id)
         return pages.instance_page(request, self.admin_site, "db", found.session_id,
                                    found.name, using=found._state.db)
 
