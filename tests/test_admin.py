@@ -106,7 +106,7 @@ def test_nothing_is_writable_without_permissions(session, client):
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "_static"
 
 
-def test_admin_pages_in_a_real_browser(uid, live_server):
+def test_admin_pages_in_a_real_browser(uid, live_server, monkeypatch):
     """Headless Chromium logs in, reads the session list at 1,400 px, the session page
     (graph, timeline) and a failed instance's page, then replays it with edited kwargs
     through the confirmation page. The screenshots of the two pages are the ones in
@@ -134,7 +134,7 @@ def test_admin_pages_in_a_real_browser(uid, live_server):
     update = os.environ.get("TRIGGERS_TEST_UPDATE_SCREENSHOTS") == "1"
     shots = SCREENSHOTS if update else ARTIFACTS
     shots.mkdir(exist_ok=True)
-    os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -147,27 +147,74 @@ class SilentManager(TriggerManager):
         pass
 
 
-def test_recover_a_stuck_instance_and_say_when_nothing_is_stuck(uid, admin_client_):
+def test_recover_an_instance_or_the_session(uid, admin_client_):
+    """Recover on an instance's page sends that instance only; on the session's page
+    every stuck one; the page says when nothing was stuck."""
     storage = DatabaseStorageBackend(uid)
     manager = SilentManager(storage)
-    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"}})
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"},
+                                  "u": {"after": ["go"], "run": "tests.Echo"}})
     manager.fire("go")
-    assert storage["t#0"].status.value == "scheduled"
+    assert storage["t#0"].status.value == storage["u#0"].status.value == "scheduled"
     text = page(admin_client_, instance_url("db", uid, "t#0"))
-    assert "Recover…" in text and "Replay…" not in text
+    assert "Recover</strong> this instance" in text and "Replay…" not in text
+    assert 'value="300"' in text  # TRIGGERS['RECOVER_AFTER'] to start with
     url = reverse("admin:triggers_storage_action", args=["db", "recover"])
     bad = admin_client_.post(url, {"uid": uid, "name": "t#0", "older_than": "-1",
                                    "confirmed": "yes"})
     assert bad.status_code == 400 and "Give a number of seconds" in bad.content.decode()
     response = admin_client_.post(url, {"uid": uid, "name": "t#0", "older_than": "3600",
                                         "confirmed": "yes"}, follow=True)
-    assert "Nothing was recovered" in response.content.decode()
+    assert "Nothing was recovered: t#0 was not stuck" in response.content.decode()
     assert storage["t#0"].status.value == "scheduled"
-    response = admin_client_.post(url, {"uid": uid, "older_than": "0", "confirmed": "yes"},
-                                  follow=True)  # from the session's page: no name
+    confirm = admin_client_.post(url, {"uid": uid, "name": "t#0", "older_than": "0"})
+    assert "The instance t#0, if it is scheduled or running" in confirm.content.decode()
+    response = admin_client_.post(url, {"uid": uid, "name": "t#0", "older_than": "0",
+                                        "confirmed": "yes"}, follow=True)
     assert "Recovered (sent again): t#0." in response.content.decode()
     ThreadingTaskRunner.join_all()
     assert storage["t#0"].status.value == "finished"
+    assert storage["u#0"].status.value == "scheduled"  # not this instance's business
+    response = admin_client_.post(url, {"uid": uid, "older_than": "0", "confirmed": "yes"},
+                                  follow=True)  # from the session's page: no name
+    assert "Recovered (sent again): u#0." in response.content.decode()
+    ThreadingTaskRunner.join_all()
+    assert storage["u#0"].status.value == "finished"
+
+
+def test_replay_with_empty_kwargs_confirms_what_it_does(session, admin_client_):
+    storage = session.storage
+    url = reverse("admin:triggers_storage_action", args=["db", "replay"])
+    confirm = admin_client_.post(url, {"uid": storage.uid, "name": "t_fail#0", "kwargs": "{}"})
+    text = confirm.content.decode()
+    shown = text[text.index("Are you sure?"):]
+    shown = shown[:shown.index("<form")]
+    assert '<pre class="triggers-pre">{}</pre>' in shown and "order" not in shown
+    admin_client_.post(url, {"uid": storage.uid, "name": "t_fail#0", "kwargs": "{}",
+                             "confirmed": "yes"})
+    ThreadingTaskRunner.join_all()
+    assert storage["t_fail#1"].kwargs == {}
+
+
+def test_an_unreachable_store_is_a_clear_page(admin_client_):
+    unreachable = {"STORAGE": "redis", "STORAGE_OPTIONS": {"url": "redis://127.0.0.1:1/0"}}
+    with override_settings(TRIGGERS=unreachable):
+        for url in (reverse("admin:triggers_storage_sessions", args=["redis"]),
+                    session_url("redis", "s1"), instance_url("redis", "s1", "t#0")):
+            response = admin_client_.get(url)
+            assert response.status_code == 503, url
+            text = response.content.decode()
+            assert "The trigger storage could not be read" in text
+            assert "Connection refused" in text or "Error" in text
+
+
+def test_the_session_page_needs_the_instance_view_permission(session, client):
+    viewer = User.objects.create_user("viewer", password="secret-password", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_triggersession"))
+    client.force_login(viewer)
+    assert client.get(session_url("db", session.storage.uid)).status_code == 403
+    viewer.user_permissions.add(Permission.objects.get(codename="view_triggerinstance"))
+    assert client.get(session_url("db", session.storage.uid)).status_code == 200
 
 
 def test_dispatch_error_and_task_id_are_shown(session, admin_client_):

@@ -68,6 +68,19 @@ def _latest(instances: Iterable[TaskInstance]) -> dict[str, TaskInstance]:
     return latest
 
 
+def _or_names(condition: Iterable[object], inside: bool = False) -> set[str]:
+    """The trigger names of a condition that sit in an OR (``{"any": [...]}``)."""
+    found: set[str] = set()
+    for item in condition:
+        if isinstance(item, str):
+            if inside:
+                found.add(item)
+        elif isinstance(item, Mapping):
+            for key, nested in item.items():
+                found |= _or_names(nested, inside or key == "any")
+    return found
+
+
 def _shorten(text: str, limit: int = 30) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
@@ -115,12 +128,13 @@ def workflow_svg(tasks: Mapping[str, TaskConfig], instances: Iterable[TaskInstan
                 if trigger not in tasks:
                     edges.append((f"task:{name}", f"trigger:{trigger}", directive))
     for name, config in tasks.items():
+        either = {"after": _or_names(config.after), "unless": _or_names(config.unless)}
         for kind, wanted in (("after", config.after_names), ("unless", config.unless_names)):
             for trigger in sorted(wanted):
-                if trigger in tasks:
-                    edges.append((f"task:{trigger}", f"task:{name}", kind))
-                else:
-                    edges.append((f"trigger:{trigger}", f"task:{name}", kind))
+                # "or": one of several triggers is enough (an OR in the condition)
+                label = "or" if kind == "after" and trigger in either[kind] else kind
+                source = f"task:{trigger}" if trigger in tasks else f"trigger:{trigger}"
+                edges.append((source, f"task:{name}", label))
         for directive, names in config.outcomes.items():
             for trigger in names:
                 if trigger in tasks:
@@ -134,32 +148,55 @@ def workflow_svg(tasks: Mapping[str, TaskConfig], instances: Iterable[TaskInstan
                 node.tooltip = f"trigger {trigger}: " + node.lines[0]
                 if trigger in fired:
                     node.fill = "#fff8e1"
+    if not nodes:
+        return ('<svg xmlns="http://www.w3.org/2000/svg" class="triggers-graph" width="320" '
+                'height="40" role="img" aria-label="workflow graph" font-family="sans-serif" '
+                'font-size="12"><text x="8" y="24" fill="#546e7a">No tasks are configured.'
+                '</text></svg>')
     _layout(nodes, edges)
     return _draw(nodes, edges)
 
 
 def _layout(nodes: dict[str, _Node], edges: list[tuple[str, str, str]]) -> None:
+    outgoing: dict[str, list[str]] = {key: [] for key in nodes}
+    for source, target, _kind in edges:
+        if source != target and target not in outgoing[source]:
+            outgoing[source].append(target)
+    # Cut the edges that close a cycle (depth first, sources first): what is left is a
+    # DAG, laid out by longest path, so a cycle does not push its nodes to the right.
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    back: set[tuple[str, str]] = set()
+    has_incoming = {target for targets in outgoing.values() for target in targets}
+    for root in sorted(nodes, key=lambda k: (k in has_incoming, k)):
+        if root in state:
+            continue
+        stack = [(root, iter(sorted(outgoing[root])))]
+        state[root] = 1
+        while stack:
+            key, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                state[key] = 2
+                order.append(key)
+            elif state.get(child) == 1:
+                back.add((key, child))
+            elif child not in state:
+                state[child] = 1
+                stack.append((child, iter(sorted(outgoing[child]))))
     incoming: dict[str, list[str]] = {key: [] for key in nodes}
-    for source, target, _kind in edges:
-        if source != target:
-            incoming[target].append(source)
-    columns = {key: 0 for key in nodes}
-    # Longest path from a source, relaxed at most len(nodes) times: a cycle stops growing.
-    for _ in range(len(nodes)):
-        changed = False
-        for key, sources in incoming.items():
-            wanted = max((columns[s] + 1 for s in sources), default=0)
-            if wanted > columns[key] and wanted < len(nodes):
-                columns[key], changed = wanted, True
-        if not changed:
-            break
+    for source, targets in outgoing.items():
+        for target in targets:
+            if (source, target) not in back:
+                incoming[target].append(source)
+    columns: dict[str, int] = {}
+    for key in reversed(order):  # a topological order of the DAG
+        columns[key] = max((columns[s] + 1 for s in incoming[key]), default=0)
     # A trigger fired from outside sits just left of the first task that waits for it.
-    targets: dict[str, list[str]] = {}
-    for source, target, _kind in edges:
-        targets.setdefault(source, []).append(target)
     for key, node in nodes.items():
-        if node.kind == "trigger" and not incoming[key] and targets.get(key):
-            columns[key] = max(min(columns[t] for t in targets[key]) - 1, 0)
+        if node.kind == "trigger" and not incoming[key] and outgoing[key]:
+            columns[key] = max(min(columns[t] for t in outgoing[key]) - 1, 0)
     by_column: dict[int, list[str]] = {}
     for key in sorted(nodes, key=lambda k: (nodes[k].kind != "trigger", k)):
         by_column.setdefault(columns[key], []).append(key)
@@ -182,7 +219,7 @@ def _draw(nodes: dict[str, _Node], edges: list[tuple[str, str, str]]) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="triggers-graph" width="{width}" '
         f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        'style="max-width:100%;height:auto" '
+        f'style="max-width:100%;height:auto;min-width:{min(width, 900)}px" '
         'aria-label="workflow graph" font-family="sans-serif" font-size="12">',
         '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
         'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
@@ -192,7 +229,11 @@ def _draw(nodes: dict[str, _Node], edges: list[tuple[str, str, str]]) -> str:
         source, target = nodes[source_key], nodes[target_key]
         x1, y1 = source.x + _WIDTH, source.y + _HEIGHT // 2
         x2, y2 = target.x, target.y + _HEIGHT // 2
-        if target.column <= source.column:  # a back edge (a cycle): around the bottom
+        if source is target:  # a task that waits for itself (andEvery on its own name)
+            x1, y1 = source.x + _WIDTH - 40, source.y
+            x2, y2 = source.x + _WIDTH, source.y + 14
+            path = f"M{x1},{y1} C{x1},{y1 - 28} {x2 + 28},{y2} {x2},{y2}"
+        elif target.column <= source.column:  # a back edge (a cycle): around the bottom
             x1, y1 = source.x + _WIDTH // 2, source.y + _HEIGHT
             x2, y2 = target.x + _WIDTH // 2, target.y + _HEIGHT
             low = max(y1, y2) + _ROW // 2
@@ -200,7 +241,7 @@ def _draw(nodes: dict[str, _Node], edges: list[tuple[str, str, str]]) -> str:
         else:
             middle = (x1 + x2) // 2
             path = f"M{x1},{y1} C{middle},{y1} {middle},{y2} {x2},{y2}"
-        style = {"after": 'stroke="#546e7a"',
+        style = {"after": 'stroke="#546e7a"', "or": 'stroke="#546e7a"',
                  "unless": 'stroke="#c62828" stroke-dasharray="5,4"'}.get(
             kind, 'stroke="#1565c0" stroke-dasharray="2,3"')
         parts.append(f'<path class="edge edge-{escape(kind)}" d="{path}" fill="none" {style} '

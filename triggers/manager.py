@@ -311,7 +311,8 @@ class TriggerManager:
         """Instances that are not finished, abandoned, replayed or skipped."""
         return self.storage.get_unresolved_instances()
 
-    def recover(self, older_than: float | None = None) -> list[TaskInstance]:
+    def recover(self, older_than: float | None = None, *,
+                instances: Iterable[str] | None = None) -> list[TaskInstance]:
         """Re-dispatch instances stuck in ``scheduled`` or ``running``; returns them.
 
         An instance is stuck when it has been ``scheduled`` (its message was lost,
@@ -323,17 +324,28 @@ class TriggerManager:
         started again while its worker works. Exactly-once start still holds for every
         dispatch; for runs without a lease choose ``older_than`` above your longest
         task, since a run that is merely slow would otherwise be started again.
+
+        ``instances`` (names) limits recovery to those instances of the session.
         """
         if older_than is None:
             older_than = _recover_after()
         if not isinstance(older_than, (int, float)) or older_than < 0:
             raise InvalidArgument(f"older_than must be a number of seconds >= 0, got {older_than!r}")
+        only: set[str] | None = None
+        if instances is not None:
+            if isinstance(instances, str) or not all(isinstance(name, str)
+                                                     for name in instances):
+                raise InvalidArgument("instances must be a list of instance names "
+                                      f"(e.g. ['t#0']), got {instances!r}")
+            only = set(instances)
         limit = now() - older_than
 
         def find_stuck(step: SessionStep) -> list[TaskInstance]:
             self.observe_step(step)
             stuck: list[TaskInstance] = []
             for instance in step.open_instances():
+                if only is not None and instance.name not in only:
+                    continue
                 if instance.status == STATUS_SCHEDULED:
                     # One waiting out its delay or cooldown is not stuck until that ends.
                     since = max(float(instance.start_after or 0), float(instance.metadata.get(

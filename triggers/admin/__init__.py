@@ -14,6 +14,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import router
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.urls import URLPattern, path, reverse
@@ -41,11 +42,12 @@ def _pretty(value: Any) -> str:
     return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, default=repr))
 
 
-def _manager_for(instance: TriggerInstance, using: str) -> Any:
+def _manager_for(instance: TriggerInstance) -> Any:
     from triggers.conf import triggers_settings
     from triggers.manager import build_manager
 
-    options = {"using": using, "lock_expire": triggers_settings.LOCK_EXPIRE,
+    options = {"using": router.db_for_write(TriggerInstance),
+               "lock_expire": triggers_settings.LOCK_EXPIRE,
                "lock_timeout": triggers_settings.LOCK_TIMEOUT}
     return build_manager(triggers_settings.MANAGER, "db", instance.session_id, options)
 
@@ -74,6 +76,9 @@ class TriggerSessionAdmin(ReadOnlyAdmin):
     search_fields = ["uid"]
     date_hierarchy = "modified"
     change_list_template = "triggers/admin/change_list.html"
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # storage.delete() removes a session with its history and keys
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[TriggerSession]:
         queryset: QuerySet[TriggerSession] = super().get_queryset(request)
@@ -195,7 +200,7 @@ class TriggerInstanceAdmin(ReadOnlyAdmin):
                                            f"{instance.name} is {instance.status}.",
                                   messages.WARNING)
                 continue
-            manager = _manager_for(instance, queryset.db)
+            manager = _manager_for(instance)
             try:
                 if verb == "replayed":
                     manager.replay_failed_instance(instance.name)

@@ -10,10 +10,12 @@ result, recover) behind a confirmation page.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from django.contrib import messages
@@ -27,7 +29,7 @@ from django.utils.safestring import mark_safe
 from django.utils.timesince import timesince
 
 from triggers.config import check_kwargs, check_kwargs_map
-from triggers.exceptions import InvalidArgument, TriggersError
+from triggers.exceptions import InstanceNotFound, InvalidArgument, TriggersError
 from triggers.graph import DISPATCH_ERROR_COLOUR, STATUS_COLOURS, workflow_svg
 from triggers.manager import TriggerManager, build_manager
 from triggers.timers import format_time
@@ -43,10 +45,17 @@ from triggers.types import (
 __all__ = ["ACTIONS", "browsable_storages", "instance_page", "instance_url", "open_manager",
            "session_page", "session_url", "sessions_page", "status_badge", "when"]
 
+logger = logging.getLogger("triggers.admin")
+View = TypeVar("View", bound=Callable[..., HttpResponse])
+
 #: The repair operations an instance page offers (``triggers.change_triggerinstance``).
 ACTIONS = ("replay", "skip", "recover")
 #: Sessions listed per page for a storage without a database table.
 PAGE_SIZE = 50
+#: The most session UIDs such a list reads (to sort them); a search narrows it.
+MAX_LISTED = 10_000
+#: The most instances a session's page lists (the latest of each task come first).
+MAX_INSTANCES = 500
 #: Metadata keys that the instance page shows in their own places.
 _SHOWN = {"exc_type", "exc_message", "exc_traceback", "dispatch_error", "result", "task_id",
           "created", "modified", "scheduled", "started", "finished", "start_after"}
@@ -66,6 +75,27 @@ def browsable_storages() -> list[str]:
     if triggers_settings.STORAGE not in keys:
         keys.append(str(triggers_settings.STORAGE))
     return keys
+
+
+def storage_errors(view: View) -> View:
+    """A store that cannot be read (down, unreachable, corrupt) is a page saying so (503),
+    with the error on one line, not a server error."""
+
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, site: AdminSite, *args: Any, **kwargs: Any
+                ) -> HttpResponse:
+        try:
+            return view(request, site, *args, **kwargs)
+        except (Http404, PermissionDenied):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any store or client error: shown, logged
+            logger.exception("The admin could not read the trigger storage")
+            storage = args[0] if args else ""
+            return TemplateResponse(request, "triggers/admin/error.html", _context(
+                request, site, "The trigger storage could not be read", storage=storage,
+                error=f"{type(exc).__name__}: {exc}"), status=503)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _options(storage: str, using: str | None = None) -> dict[str, Any]:
@@ -204,6 +234,7 @@ def _session_opts() -> Any:
     return TriggerSession._meta
 
 
+@storage_errors
 def sessions_page(request: HttpRequest, site: AdminSite, storage: str) -> HttpResponse:
     """The sessions of a storage, through ``session_uids`` (a page of ``PAGE_SIZE``), with
     their failed / waiting / scheduled / running counts."""
@@ -221,24 +252,33 @@ def sessions_page(request: HttpRequest, site: AdminSite, storage: str) -> HttpRe
     wanted = request.GET.get("q", "").strip()
     uids = (uid for uid in storage_backends.get_class(storage).session_uids(**options)
             if wanted in uid)
-    chunk = list(itertools.islice(uids, (page - 1) * PAGE_SIZE, page * PAGE_SIZE + 1))
+    found = sorted(itertools.islice(uids, MAX_LISTED + 1))
+    truncated = len(found) > MAX_LISTED
+    chunk = found[(page - 1) * PAGE_SIZE:page * PAGE_SIZE + 1]
     rows = []
-    for uid in sorted(chunk[:PAGE_SIZE]):
-        counts = Counter(instance.status.value for instance in
-                         open_manager(storage, uid).storage.get_unresolved_instances())
+    for uid in chunk[:PAGE_SIZE]:
+        try:
+            counts = Counter(instance.status.value for instance in
+                             open_manager(storage, uid).storage.get_unresolved_instances())
+        except TriggersError as exc:  # one unreadable session does not hide the others
+            rows.append({"uid": uid, "url": session_url(storage, uid), "counts": [],
+                         "error": f"{type(exc).__name__}: {exc}"})
+            continue
         rows.append({"uid": uid, "url": session_url(storage, uid), "counts": [
             (status, counts[status], STATUS_COLOURS[status])
             for status in ("failed", "unstarted", "scheduled", "running") if counts[status]]})
     return TemplateResponse(request, "triggers/admin/sessions.html", _context(
         request, site, f"Trigger sessions in storage {storage!r}", storage=storage, rows=rows,
-        page=page, query=wanted, has_next=len(chunk) > PAGE_SIZE))
+        page=page, query=wanted, has_next=len(chunk) > PAGE_SIZE, truncated=truncated,
+        max_listed=MAX_LISTED))
 
 
+@storage_errors
 def session_page(request: HttpRequest, site: AdminSite, storage: str, uid: str,
                  using: str | None = None) -> HttpResponse:
     """A session: counts, workflow graph, instances, timeline, configuration."""
-    if not _can_view(request, "triggersession"):
-        raise PermissionDenied
+    if not (_can_view(request, "triggersession") and _can_view(request, "triggerinstance")):
+        raise PermissionDenied  # the page shows the instances' kwargs, results, exceptions
     manager = open_manager(storage, uid, using)
     data = _load(manager)
     instances: list[TaskInstance] = data["instances"]
@@ -247,6 +287,8 @@ def session_page(request: HttpRequest, site: AdminSite, storage: str, uid: str,
         return instance_url(storage, uid, name)
 
     counts = Counter(instance.status.value for instance in instances)
+    listed = sorted(instances, key=lambda i: (-i.number, i.task_name))[:MAX_INSTANCES]
+    listed.sort(key=_sort_key)
     return TemplateResponse(request, "triggers/admin/session.html", _context(
         request, site, f"Trigger session {uid}", storage=storage, uid=uid,
         graph=mark_safe(workflow_svg(data["tasks"], instances, fired=set(data["latest"]),  # noqa: S308 - escaped by workflow_svg
@@ -258,7 +300,8 @@ def session_page(request: HttpRequest, site: AdminSite, storage: str, uid: str,
             "badge": mark_safe(status_badge(instance.status.value,  # noqa: S308 - format_html
                                             bool(instance.metadata.get("dispatch_error")))),
             "note": _note(instance), "modified": when(instance.metadata.get("modified")),
-        } for instance in instances],
+        } for instance in listed],
+        hidden=len(instances) - len(listed),
         timeline=timeline(data["history"], data["latest"], link),
         tasks=[(name, json.dumps(config.to_dict(), sort_keys=True))
                for name, config in data["tasks"].items()],
@@ -288,10 +331,11 @@ def _note(instance: TaskInstance) -> str:
 def _get_instance(manager: TriggerManager, name: str) -> TaskInstance:
     try:
         return manager.storage.get_instance(name)
-    except (KeyError, TriggersError) as exc:
+    except (InstanceNotFound, KeyError) as exc:
         raise Http404(f"No instance {name!r} in session {manager.storage.uid!r}.") from exc
 
 
+@storage_errors
 def instance_page(request: HttpRequest, site: AdminSite, storage: str, uid: str, name: str,
                   using: str | None = None, errors: dict[str, str] | None = None,
                   values: dict[str, str] | None = None) -> HttpResponse:
@@ -308,7 +352,7 @@ def instance_page(request: HttpRequest, site: AdminSite, storage: str, uid: str,
             meta.get("finished"), (int, float)):
         times.append(("ran for", f"{float(meta['finished']) - float(meta['started']):.3f} s"))
     values = {"kwargs": _pretty(instance.kwargs), "result": "{}", "cascade": "",
-              "older_than": "0", **(values or {})}
+              "older_than": f"{_recover_after():g}", **(values or {})}
     status = instance.status
     return TemplateResponse(request, "triggers/admin/instance.html", _context(
         request, site, f"Trigger instance {name}", storage=storage, uid=uid, name=name,
@@ -344,10 +388,10 @@ def _parse(action: str, post: Any) -> tuple[dict[str, Any], dict[str, str], list
             kwargs = json.loads(text) if text else None
             arguments["replacement_kwargs"] = (
                 None if kwargs is None else check_kwargs_map(kwargs, "kwargs"))
-        except ValueError as exc:
-            errors["kwargs"] = f"Not valid JSON: {exc}. Write an object: trigger → kwargs."
         except InvalidArgument as exc:
             errors["kwargs"] = str(exc)
+        except ValueError as exc:
+            errors["kwargs"] = f"Not valid JSON: {exc}. Write an object: trigger → kwargs."
         plan.append("The instance becomes replayed and a copy of it is scheduled at once, "
                     "with these kwargs:")
     elif action == "skip":
@@ -355,10 +399,10 @@ def _parse(action: str, post: Any) -> tuple[dict[str, Any], dict[str, str], list
         text = post.get("result", "").strip()
         try:
             arguments["result"] = check_kwargs(json.loads(text) if text else None, "result")
-        except ValueError as exc:
-            errors["result"] = f"Not valid JSON: {exc}. Write an object, e.g. {{}}."
         except InvalidArgument as exc:
             errors["result"] = str(exc)
+        except ValueError as exc:
+            errors["result"] = f"Not valid JSON: {exc}. Write an object, e.g. {{}}."
         plan.append("The instance becomes skipped" + (
             ", and its task fires as if it had finished (a cascade), with this result:"
             if arguments["cascade"] else "; nothing cascades."))
@@ -371,7 +415,9 @@ def _parse(action: str, post: Any) -> tuple[dict[str, Any], dict[str, str], list
         except ValueError:
             errors["older_than"] = (f"Give a number of seconds >= 0, got "
                                     f"{post.get('older_than', '')!r}.")
-        plan.append("Every instance of the session scheduled or running for longer than "
+        subject = (f"The instance {post['name']}, if it is" if post.get("name")
+                   else "Every instance of the session")
+        plan.append(f"{subject} scheduled or running for longer than "
                     f"{post.get('older_than', '')} s, whose lease (if any) expired, is sent "
                     "again (a running one goes back to scheduled first).")
     else:
@@ -379,6 +425,7 @@ def _parse(action: str, post: Any) -> tuple[dict[str, Any], dict[str, str], list
     return arguments, errors, plan
 
 
+@storage_errors
 def action_view(request: HttpRequest, site: AdminSite, storage: str, action: str
                 ) -> HttpResponse:
     """Run a repair operation on an instance: validate the form, confirm, then do it."""
@@ -386,8 +433,11 @@ def action_view(request: HttpRequest, site: AdminSite, storage: str, action: str
         raise Http404("Actions are posted from an instance's page.")
     if not _can_change(request):
         raise PermissionDenied
+    from triggers.models import TriggerInstance
+
     uid, name = request.POST.get("uid", ""), request.POST.get("name", "")
-    manager = open_manager(storage, uid)
+    manager = open_manager(storage, uid, router.db_for_write(TriggerInstance)
+                           if storage == "db" else None)
     # Recover also applies to a whole session (posted from its page, without a name).
     whole_session = action == "recover" and not name
     instance = None if whole_session else _get_instance(manager, name)
@@ -403,7 +453,8 @@ def action_view(request: HttpRequest, site: AdminSite, storage: str, action: str
         return instance_page(request, site, storage, uid, name, errors=errors, values=values)
     back = session_url(storage, uid) if whole_session else instance_url(storage, uid, name)
     if request.POST.get("confirmed") != "yes":
-        shown = {"replay": arguments.get("replacement_kwargs") or (
+        replacement = arguments.get("replacement_kwargs")
+        shown = {"replay": replacement if replacement is not None else (
                      instance.kwargs if instance is not None else None),
                  "skip": arguments.get("result") if arguments.get("cascade") else None,
                  "recover": None}[action]
@@ -425,12 +476,14 @@ def action_view(request: HttpRequest, site: AdminSite, storage: str, action: str
                 " and fired its task (cascade)." if arguments["cascade"] else "."))
         else:
             since = now()
-            recovered = [found.name for found in manager.recover(arguments["older_than"])]
+            recovered = [found.name for found in manager.recover(
+                arguments["older_than"], instances=None if whole_session else [name])]
             if recovered:
                 messages.success(request, f"Recovered (sent again): {', '.join(recovered)}.")
             else:
-                messages.warning(request, "Nothing was recovered: no instance of the session "
-                                 f"was stuck for longer than {arguments['older_than']:g} s "
+                what = "no instance of the session was" if whole_session else f"{name} was not"
+                messages.warning(request, f"Nothing was recovered: {what} "
+                                 f"stuck for longer than {arguments['older_than']:g} s "
                                  "with its lease expired (checked at "
                                  f"{format_time(since)}).")
     except TriggersError as exc:
