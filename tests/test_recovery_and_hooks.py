@@ -146,3 +146,25 @@ def test_a_database_storage_on_another_database_waits_for_the_callers_transactio
         manager.fire("go")
         assert statuses(storage) == {}
     assert sent == ["t#0"] and statuses(storage) == {"t#0": "scheduled"}
+
+
+@pytest.mark.usefixtures("trigger_threading_runner")
+def test_recover_only_the_named_instances(uid, sent):
+    """recover(instances=[...]) takes the named stuck instances only; a bad list is refused
+    and changes nothing."""
+    from triggers.exceptions import InvalidArgument
+
+    storage = make_storage("django_redis", uid)
+    manager = TriggerManager(storage)
+    manager.update_configuration({"t": {"after": ["go"], "run": "tests.Echo"},
+                                  "u": {"after": ["go"], "run": "tests.Echo"}})
+    manager.fire("go")
+    sent.clear()  # both scheduled, never started: stuck
+    for bad in ("t#0", [1], [None]):
+        with pytest.raises(InvalidArgument, match="instances must be a list of instance names"):
+            manager.recover(0, instances=bad)
+    assert "recoveries" not in storage["t#0"].metadata
+    assert [i.name for i in manager.recover(0, instances=["t#0", "x#9"])] == ["t#0"]
+    assert sent == ["t#0"]
+    assert storage["t#0"].metadata["recoveries"] == 1
+    assert "recoveries" not in storage["u#0"].metadata
