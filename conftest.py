@@ -12,12 +12,33 @@ from sybil.parsers.rest import DocTestParser, PythonCodeBlockParser, SkipParser
 pytest_plugins = ["triggers.testing"]
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker, request):
+    """The test databases, also when only the examples run: pytest-django sets up those
+    that marked tests ask for, and the examples carry no mark (a page's examples share
+    one database state, which a per-test transaction or flush would undo)."""
+    from django.db import connections
+    from django.test.utils import setup_databases, teardown_databases
+
+    default = connections["default"].settings_dict
+    if default["NAME"] == default["TEST"]["NAME"]:
+        yield  # already set up for the marked tests
+        return
+    with django_db_blocker.unblock():
+        config = setup_databases(verbosity=request.config.option.verbose, interactive=False,
+                                 aliases=set(connections))
+    yield
+    with django_db_blocker.unblock():
+        teardown_databases(config, verbosity=request.config.option.verbose)
+
+
 @pytest.fixture
 def docs_env(django_db_setup, django_db_blocker, trigger_threading_runner):
     """What a page's examples run with: the test project's databases and the threading
-    runner (a page that wants Celery says so)."""
+    runner (a page that wants Celery says so); the runner's threads end inside."""
     with django_db_blocker.unblock():
         yield
+        trigger_threading_runner.join_all()
 
 
 pytest_collect_file = Sybil(

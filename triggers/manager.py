@@ -1049,9 +1049,8 @@ def _check_task(run: str) -> str | None:
             from celery import current_app
 
             return (f"no Celery task named {run!r} is registered with the Celery app "
-                    f"{current_app.main!r}; define it as a TriggerTask in a module the app "
-                    "imports (autodiscover_tasks()), or set TRIGGERS['ALLOW_UNKNOWN_TASKS'] = "
-                    "True if only the workers import it")
+                    f"{current_app.main!r}. {runners.missing_task_hint()} Or set "
+                    "TRIGGERS['ALLOW_UNKNOWN_TASKS'] = True if only the workers import it")
         return None
     if not isinstance(task, TriggerTask):
         return (f"Celery task {run!r} is a {type(task).__name__}, not a TriggerTask; "

@@ -90,10 +90,7 @@ class BaseTaskRunner:
         if task is None:
             raise UnknownTask(
                 f"No Celery task named {target!r} is registered with the Celery app "
-                f"{current_app.main!r}. Define it as a TriggerTask subclass in a module "
-                "the app imports (e.g. through autodiscover_tasks()).",
-                task_name=target,
-            )
+                f"{current_app.main!r}. {missing_task_hint()}", task_name=target)
         if not isinstance(task, TriggerTask):
             raise UnknownTask(
                 f"Celery task {target!r} is a {type(task).__name__}, not a TriggerTask; "
@@ -104,6 +101,19 @@ class BaseTaskRunner:
 
 
 _imported_default_modules = False
+
+
+def missing_task_hint() -> str:
+    """How to make a task name known, for the app this process has loaded."""
+    from celery import current_app
+
+    if current_app.main in (None, "default"):
+        return ("No project Celery app is loaded in this process: import it in your "
+                "project package's __init__.py (from .celery import app as celery_app), as "
+                "Celery's Django guide shows; its autodiscover_tasks() then imports the "
+                "tasks modules.")
+    return ("Define it as a TriggerTask subclass in a module the app imports (e.g. the "
+            "tasks.py of an installed app, through autodiscover_tasks()).")
 
 
 def celery_app_loaded() -> bool:

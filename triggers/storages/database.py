@@ -184,7 +184,12 @@ class DatabaseStorageBackend(RecordStorage):
             raw = connection.connection
             previous = raw.execute("PRAGMA busy_timeout").fetchone()[0]
             raw.execute(f"PRAGMA busy_timeout = {wait_ms}")
-            return lambda: raw.execute(f"PRAGMA busy_timeout = {int(previous)}")
+
+            def restore_sqlite() -> None:
+                if connection.connection is raw:  # not closed meanwhile (a failed step)
+                    raw.execute(f"PRAGMA busy_timeout = {int(previous)}")
+
+            return restore_sqlite
         if connection.vendor == "postgresql":
             outer = connection.in_atomic_block
             with connection.cursor() as cursor:
