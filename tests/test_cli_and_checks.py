@@ -169,6 +169,24 @@ def test_missing_table_says_to_migrate(alias, uid):
     assert DatabaseStorageBackend(uid, using=alias).tasks == {}  # the table is back
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_step_on_sqlite_keeps_its_own_error(uid):
+    """A step (not a read) on SQLite without the tables: the error that says to migrate,
+    not one from setting back the connection's busy timeout after the step."""
+    from triggers import TriggerManager
+
+    with connections["default"].cursor() as cursor:
+        cursor.execute("ALTER TABLE triggers_triggersession RENAME TO triggers_away")
+    try:
+        with pytest.raises(StorageError, match=r"run `manage.py migrate`"):
+            TriggerManager(DatabaseStorageBackend(uid)).update_configuration(
+                {"t": {"after": ["go"], "run": ECHO}})
+    finally:
+        with connections["default"].cursor() as cursor:
+            cursor.execute("ALTER TABLE triggers_away RENAME TO triggers_triggersession")
+    assert DatabaseStorageBackend(uid).tasks == {}
+
+
 @pytest.mark.parametrize("error, hint", [
     ('relation "triggers_triggersession" does not exist\nLINE 1: SELECT ...', True),
     ('column triggers_triggerinstance.waiting does not exist', True),
@@ -505,3 +523,19 @@ def test_an_unknown_setting_gets_a_suggestion():
     assert message.id == "triggers.E002"
     assert message.msg == ("Unknown TRIGGERS setting(s): NOTHING_LIKE_IT, TIMEOT (did you mean "
                            "TIMEOUT?), storage (did you mean STORAGE?).")
+
+
+def test_an_unknown_task_says_to_import_the_project_app_when_none_is_loaded(monkeypatch):
+    """Without the project's Celery app (proj/__init__.py does not import it) the message
+    points at that import, not at autodiscover_tasks()."""
+    from celery import current_app
+
+    from triggers.exceptions import UnknownTask
+    from triggers.runners import BaseTaskRunner
+
+    with pytest.raises(UnknownTask, match=r"through autodiscover_tasks\(\)"):
+        BaseTaskRunner.resolve("tests.NoSuchTask")
+    monkeypatch.setattr(current_app, "main", "default")
+    with pytest.raises(UnknownTask, match=r"import it in your project package's __init__.py "
+                                          r"\(from \.celery import app as celery_app\)"):
+        BaseTaskRunner.resolve("tests.NoSuchTask")
