@@ -344,6 +344,15 @@ def test_inspect_of_an_unknown_session_is_one_line(project, uid):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_django_options_are_accepted_after_the_subcommand(project, uid):
+    """``--settings`` (and Django's other options) work after the subcommand too."""
+    result = project("inspect", uid, "--settings", "cli_settings", "-v", "2")
+    assert one_error_line(result).startswith(f"CommandError: No session {uid!r}")
+    result = project("--settings", "cli_settings", "inspect", uid)
+    assert one_error_line(result).startswith(f"CommandError: No session {uid!r}")
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_session_with_only_fired_triggers_is_known(uid):
     TriggerManager(DatabaseStorageBackend(uid)).fire("go", {"n": 1})
     assert f"Session {uid}" in run("inspect", uid)

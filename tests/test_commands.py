@@ -92,10 +92,17 @@ def test_recover_all_on_the_database(failed_session):
 
 def test_demo_command_on_the_project_database():
     """manage.py triggers demo runs the questionnaire and finalizes the session."""
+    from triggers.models import TriggerSession
+
     text = run("demo")
     assert "Session finalized: yes; unresolved tasks: none" in text
     assert "trigger 'sessionFinalized' fired by FinalizingTriggerManager" in text
     assert "t_importSubject#0 finished" in text
+    assert "Deleted session demo-" in text
+    assert not TriggerSession.objects.filter(uid__startswith="demo-").exists()
+    text = run("demo", "--keep")
+    kept = text.split("Kept session ", 1)[1].split(":")[0]
+    assert TriggerSession.objects.filter(uid=kept).exists()
 
 
 def test_readme_demo_runs_standalone_without_redis(tmp_path):
@@ -118,6 +125,7 @@ def test_recovery_run_command(failed_session):
     uid = failed_session.storage.uid
     text = run("recover", uid, "--rerun-failed", "--older-than", "0")
     assert f"{uid}: replayed t_fail#0" in text
+    assert "Recovered 0, replayed 1 and skipped 0 instance(s) in 1 session(s)." in text
     ThreadingTaskRunner.join_all()
     storage = failed_session.storage
     assert storage["t_fail#0"].status.value == "replayed"
@@ -137,3 +145,29 @@ def test_demo_with_celery_starts_and_stops_its_worker(tmp_path):
     assert "t_importSubject#0 scheduled (celery)" in result.stdout
     assert "Session finalized: yes; unresolved tasks: none" in result.stdout
     assert "Celery worker stopped (pid" in result.stdout
+
+
+def test_replay_says_when_its_copy_could_not_be_sent(failed_session, monkeypatch):
+    """A replay whose message cannot be sent (the broker is down) says so on one line,
+    not '(scheduled)' as if all were well; the sweep sends it later."""
+    def broker_down(self, manager, instance):
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(ThreadingTaskRunner, "run", broker_down)
+    out, err = StringIO(), StringIO()
+    call_command("triggers", "replay", failed_session.storage.uid, "t_fail#0",
+                 stdout=out, stderr=err)
+    assert out.getvalue().strip() == "t_fail#0 replayed as t_fail#1 (scheduled, not sent)"
+    assert err.getvalue().startswith("t_fail#1 is scheduled but could not be sent: ")
+    assert "Connection refused" in err.getvalue() and len(err.getvalue().splitlines()) == 1
+    text = run("inspect", failed_session.storage.uid, "--timeline")
+    assert "dispatch_error=" in text
+    assert any(" unsent " in line and "t_fail#1" in line for line in text.splitlines())
+
+
+def test_bad_replacement_kwargs_are_named_as_the_option(failed_session):
+    with pytest.raises(CommandError, match=r"^--kwargs must map trigger names to kwargs"):
+        run("replay", failed_session.storage.uid, "t_fail#0", "--kwargs", "[1, 2]")
+    with pytest.raises(CommandError, match=r"^--result must be a mapping"):
+        run("skip", failed_session.storage.uid, "t_fail#0", "--result", "[1, 2]")
+    assert failed_session.storage["t_fail#0"].status.value == "failed"

@@ -36,7 +36,7 @@ from triggers.registry import TriggersRegistry
 from triggers.retrying import GaveUp, retry_transient
 from triggers.storages import storage_backends
 from triggers.storages.base import BaseTriggerStorage, SessionStep, Want
-from triggers.timers import dispatch_grace, due_at, redispatch_backoff, sent_later
+from triggers.timers import dispatch_grace, due_at, format_time, redispatch_backoff, sent_later
 from triggers.types import (
     DIRECTIVE_ON_COMPLETE,
     DIRECTIVE_ON_FAILURE,
@@ -438,10 +438,12 @@ class TriggerManager:
                 logger.info("Sending %s of session %r: it starts in %.0f s.", instance.name,
                             self.storage.uid, float(instance.start_after or stamp) - now())
             else:
+                scheduled = instance.metadata.get("scheduled")
                 logger.warning("Sending %s of session %r again: scheduled at %s and not started "
                                "(its message was lost?); send #%s.", instance.name,
-                               self.storage.uid, instance.metadata.get("scheduled"),
-                               instance.metadata.get("redispatches"))
+                               self.storage.uid,
+                               format_time(scheduled) if isinstance(scheduled, (int, float))
+                               else scheduled, instance.metadata.get("redispatches"))
         instances = [instance for instance, _kind in sent]
         self._send_step_signals()
         self.storage.on_commit(lambda: self.dispatch(instances))
@@ -823,6 +825,7 @@ class TriggerManager:
                 if instance.status == STATUS_SCHEDULED:
                     instance.metadata["dispatch_error"] = f"{exception_name(type(exc))}: {exc}"
                     step.save(instance)
+                    step.note(instance, "unsent")  # the history says the send failed
 
             self.storage.transact(record, Want(instances=[name]))
         except Exception:  # noqa: BLE001 - the storage itself is failing; already logged above

@@ -85,5 +85,6 @@ def format_time(at: float) -> str:
     from django.utils import timezone
 
     moment = datetime.datetime.fromtimestamp(float(at), tz=datetime.timezone.utc)
-    moment = timezone.localtime(moment) if settings.USE_TZ else moment.astimezone()
+    moment = (timezone.localtime(moment) if settings.configured and settings.USE_TZ
+              else moment.astimezone())
     return f"{moment:%Y-%m-%d %H:%M:%S}.{moment.microsecond // 1000:03d} {moment:%Z}"

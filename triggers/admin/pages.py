@@ -62,7 +62,7 @@ _SHOWN = {"exc_type", "exc_message", "exc_traceback", "dispatch_error", "result"
 #: Colours of the history events that are not named after a status.
 _EVENT_COLOURS = {"fired": "#f9a825", "configured": "#455a64", "created": "#78909c",
                   "started": "#ef6c00", "recovered": "#00838f", "redispatched": "#00838f",
-                  "takeover": "#00838f", "timer": "#00838f"}
+                  "takeover": "#00838f", "timer": "#00838f", "unsent": DISPATCH_ERROR_COLOUR}
 _TIMES = (("created", "created"), ("scheduled", "scheduled"), ("start_after", "may start at"),
           ("started", "started"), ("finished", "finished"), ("modified", "last changed"))
 
@@ -444,8 +444,9 @@ def action_view(request: HttpRequest, site: AdminSite, storage: str, action: str
     if instance is None:
         _load(manager)  # a session that does not exist is a 404
     arguments, errors, plan = _parse(action, request.POST)
-    values = {key: request.POST.get(key, "") for key in ("kwargs", "result", "cascade",
-                                                          "older_than")}
+    # What the user wrote is shown again; the other forms keep their own values.
+    values = {key: request.POST[key] for key in ("kwargs", "result", "cascade", "older_than")
+              if key in request.POST}
     if errors and whole_session:
         messages.error(request, errors["older_than"])
         return HttpResponseRedirect(session_url(storage, uid))

@@ -1153,7 +1153,7 @@ class BaseTriggerStorage:
 
         Each event has ``at`` (epoch seconds), ``event`` (``fired``, ``created``,
         ``scheduled``, ``started``, ``finished``, ``failed``, ``retried``,
-        ``replayed``, ``skipped``, ``abandoned``, ``recovered`` …), ``process``
+        ``replayed``, ``skipped``, ``abandoned``, ``recovered``, ``unsent`` …), ``process``
         (``host:pid``) and, as they apply, ``trigger`` with ``size`` (bytes of its
         kwargs), ``instance`` and ``run`` (the run token).
         """

@@ -8,12 +8,15 @@ without a traceback (``manage.py triggers --traceback …`` shows it); a usage e
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any, NoReturn, TextIO, cast
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from triggers.exceptions import TriggersError
+from triggers.exceptions import InvalidArgument, TriggersError
 from triggers.manager import TriggerManager, build_manager
 from triggers.storages.base import BaseTriggerStorage
 from triggers.timers import format_time
@@ -88,6 +91,16 @@ class _OneLineParser(CommandParser):
         raise CommandError(f"Error: {message}")
 
 
+@contextlib.contextmanager
+def _option_named(argument: str, option: str) -> Iterator[None]:
+    """A refused argument is named as the command's option (``--kwargs``), not as the
+    manager's parameter."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        raise CommandError(str(exc).replace(argument, option, 1)) from exc
+
+
 def _not_stuck(manager: TriggerManager, older_than: float) -> list[tuple[str, bool]]:
     """The scheduled and running instances that recovery leaves alone, as recovery reckons
     it: a line for each, and whether it is merely too recent (``--older-than 0`` would take
@@ -133,7 +146,19 @@ class Command(BaseCommand):
 
         sub = parser.add_subparsers(dest="action", required=True, parser_class=SubcommandParser)
 
+        def django_options(command: CommandParser) -> None:
+            # Django's own options are read before the subcommand too; accepted after it
+            # as well (``triggers inspect UID --settings proj.settings``).
+            for flags, extra in ((("--settings",), {}), (("--pythonpath",), {}),
+                                 (("--traceback",), {"action": "store_true"}),
+                                 (("--no-color",), {"action": "store_true"}),
+                                 (("--force-color",), {"action": "store_true"}),
+                                 (("-v", "--verbosity"), {"type": int})):
+                command.add_argument(*flags, default=argparse.SUPPRESS,
+                                     help=argparse.SUPPRESS, **extra)
+
         def common(command: CommandParser) -> None:
+            django_options(command)
             command.add_argument("--manager", help="registry key of the trigger manager "
                                  "(default: TRIGGERS['MANAGER'])")
             command.add_argument("--storage", help="registry key of the storage backend "
@@ -192,6 +217,10 @@ class Command(BaseCommand):
         demo = sub.add_parser("demo", help="run the questionnaire demo workflow")
         demo.add_argument("--celery", action="store_true",
                           help="run it on Redis with a real Celery worker it starts and stops")
+        demo.add_argument("--keep", action="store_true",
+                          help="keep the demo's session (to look at it in the admin or with "
+                               "inspect); by default it is deleted at the end")
+        django_options(demo)
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
@@ -263,7 +292,7 @@ class Command(BaseCommand):
             elif "result" in instance.metadata:
                 line += f" result={json.dumps(instance.metadata['result'], default=str)}"
             if instance.metadata.get("dispatch_error"):
-                line += f" dispatch_error={instance.metadata['dispatch_error']}"
+                line += f" dispatch_error={one_line(instance.metadata['dispatch_error'])}"
             if instance.metadata.get("task_id"):
                 line += f" task_id={instance.metadata['task_id']}"
             self.stdout.write(line)
@@ -291,16 +320,37 @@ class Command(BaseCommand):
     def do_replay(self, options: dict[str, Any]) -> None:
         kwargs = _json_option(options, "kwargs")
         manager = self.manager(options["uid"], options)
-        clone = manager.replay_failed_instance(options["instance"], kwargs)
-        self.stdout.write(f"{options['instance']} replayed as {clone.name} ({clone.status.value})")
+        with _option_named("replacement_kwargs", "--kwargs"):
+            clone = manager.replay_failed_instance(options["instance"], kwargs)
+        unsent = self.unsent(manager, [clone.name])
+        self.stdout.write(f"{options['instance']} replayed as {clone.name} "
+                          f"({clone.status.value}{', not sent' if unsent else ''})")
 
     def do_skip(self, options: dict[str, Any]) -> None:
         result = _json_option(options, "result")
         manager = self.manager(options["uid"], options)
-        manager.skip_failed_instance(options["instance"], cascade=options["cascade"],
-                                     result=result)
+        with _option_named("result", "--result"):
+            manager.skip_failed_instance(options["instance"], cascade=options["cascade"],
+                                         result=result)
         self.stdout.write(f"{options['instance']} skipped"
                           + (" (cascade fired)" if options["cascade"] else ""))
+        if options["cascade"]:
+            self.unsent(manager, [instance.name for instance in
+                                  manager.storage.get_unresolved_instances()])
+
+    def unsent(self, manager: TriggerManager, names: list[str]) -> list[str]:
+        """The named instances left scheduled because their message could not be sent
+        (each said on stderr, on one line)."""
+        manager.storage.invalidate_cache()
+        found = []
+        for name in names:
+            error = manager.storage.get_instance(name).metadata.get("dispatch_error")
+            if error:
+                found.append(name)
+                self.stderr.write(f"{name} is scheduled but could not be sent: "
+                                  f"{one_line(error)}; `manage.py triggers sweep` (or recover) "
+                                  "sends it again once the broker is reachable")
+        return found
 
     def do_recover(self, options: dict[str, Any]) -> None:
         from triggers.run import flush_spool
@@ -335,6 +385,7 @@ class Command(BaseCommand):
         if older_than is None:
             older_than = triggers_settings.RECOVER_AFTER
         total, failures, young = 0, [], 0
+        counts = {"recovered": 0, "replayed": 0, "skipped": 0}
         for uid in uids:
             try:
                 manager = self.manager(uid, options)
@@ -346,7 +397,7 @@ class Command(BaseCommand):
                     for key in ("recovered", "replayed", "skipped"):
                         for name in report[key]:
                             self.stdout.write(f"{uid}: {key} {name}")
-                    total += sum(len(names) for names in report.values())
+                        counts[key] += len(report[key])
                 else:
                     instances = manager.recover(older_than)
                     for instance in instances:
@@ -362,8 +413,13 @@ class Command(BaseCommand):
             for line, recent in not_stuck:
                 self.stdout.write(f"{uid}: {line}")
                 young += recent
-        self.stdout.write(f"Recovered {total} instance(s) in {len(uids) - len(failures)} "
-                          f"session(s).")
+        sessions = len(uids) - len(failures)
+        if options["rerun_failed"]:
+            self.stdout.write(f"Recovered {counts['recovered']}, replayed {counts['replayed']} "
+                              f"and skipped {counts['skipped']} instance(s) in {sessions} "
+                              "session(s).")
+        else:
+            self.stdout.write(f"Recovered {total} instance(s) in {sessions} session(s).")
         if young:
             self.stdout.write(
                 f"Skipped {young} instance(s) scheduled or running for less than "
@@ -424,5 +480,13 @@ class Command(BaseCommand):
 
         manager = build_manager("finalizing", triggers_settings.STORAGE,
                                 f"demo-{uuid.uuid4().hex[:8]}", triggers_settings.storage_options())
-        if not run_demo(cast(TextIO, self.stdout), manager=manager):
-            raise CommandError("The demo did not finish its workflow")
+        try:
+            if not run_demo(cast(TextIO, self.stdout), manager=manager):
+                raise CommandError("The demo did not finish its workflow")
+        finally:
+            if options.get("keep"):
+                self.stdout.write(f"Kept session {manager.storage.uid}: manage.py triggers "
+                                  f"inspect {manager.storage.uid} --timeline")
+            else:
+                manager.storage.delete()
+                self.stdout.write(f"Deleted session {manager.storage.uid} (--keep keeps it).")
