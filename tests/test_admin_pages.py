@@ -280,3 +280,26 @@ def test_sessions_of_cache_and_redis_storages_are_browsable(uid, admin_client_, 
     ThreadingTaskRunner.join_all()
     assert storage["t_fail#1"].status.value == "finished"
     storage.delete()
+
+
+def test_an_action_whose_message_is_not_sent_says_so(session, admin_client_, monkeypatch):
+    """Replay with the broker down: a warning naming the copy and the error, not a success;
+    the refused form of another action keeps the values of the others."""
+    def broker_down(self, manager, instance):
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    storage = session.storage
+    url = reverse("admin:triggers_storage_action", args=["db", "replay"])
+    bad = admin_client_.post(url, {"uid": storage.uid, "name": "t_fail#0", "kwargs": "{bad",
+                                   "confirmed": "yes"}).content.decode()
+    assert "{bad</textarea>" in bad and 'id="id_result">{}</textarea>' in bad
+    monkeypatch.setattr(ThreadingTaskRunner, "run", broker_down)
+    response = admin_client_.post(url, {"uid": storage.uid, "name": "t_fail#0",
+                                        "confirmed": "yes"}, follow=True)
+    text = response.content.decode()
+    assert 'class="warning">Replayed t_fail#0: t_fail#1 is scheduled. Not sent: t_fail#1' in text
+    assert "Connection refused" in text and "The sweep sends them again" in text
+    assert "scheduled · not sent" in text  # the copy's page
+    history = [event["event"] for event in storage.history()
+               if event.get("instance") == "t_fail#1"]
+    assert history == ["created", "scheduled", "unsent"]

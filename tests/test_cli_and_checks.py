@@ -308,6 +308,7 @@ def project(tmp_path, settings):
         return result
 
     settings.TRIGGERS = {"OUTCOME_SPOOL": str(tmp_path / "spool")}
+    manage.settings_file = str(module)
     return manage
 
 
@@ -350,6 +351,21 @@ def test_django_options_are_accepted_after_the_subcommand(project, uid):
     assert one_error_line(result).startswith(f"CommandError: No session {uid!r}")
     result = project("--settings", "cli_settings", "inspect", uid)
     assert one_error_line(result).startswith(f"CommandError: No session {uid!r}")
+    # Given after the subcommand, they take effect: the settings (their "closed" cache)…
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(project.settings_file), str(ROOT)])}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "triggers", "inspect", uid, "--storage", "cache",
+         "--cache", "closed", "--settings", "cli_settings"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "Connection refused" in one_error_line(result)
+    # … and --traceback.
+    result = subprocess.run(
+        [sys.executable, "manage.py", "triggers", "inspect", uid, "--storage", "cache",
+         "--cache", "closed", "--settings", "cli_settings", "--traceback"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
+    assert project("inspect", uid, "-v", "7").returncode == 2
 
 
 @pytest.mark.django_db(transaction=True)

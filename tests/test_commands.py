@@ -103,6 +103,16 @@ def test_demo_command_on_the_project_database():
     text = run("demo", "--keep")
     kept = text.split("Kept session ", 1)[1].split(":")[0]
     assert TriggerSession.objects.filter(uid=kept).exists()
+    with pytest.raises(CommandError, match="--keep keeps the demo's session"):
+        run("demo", "--celery", "--keep")
+
+
+def test_a_demo_that_fails_keeps_its_session(monkeypatch):
+    from triggers.models import TriggerSession
+
+    monkeypatch.setattr("triggers.contrib.demo.run_demo", lambda out, manager: False)
+    with pytest.raises(CommandError, match=r"did not finish its workflow; its session is kept"):
+        run("demo")
 
 
 def test_readme_demo_runs_standalone_without_redis(tmp_path):

@@ -822,10 +822,12 @@ class TriggerManager:
         try:
             def record(step: SessionStep) -> None:
                 instance = step.instance(name)
+                error = f"{exception_name(type(exc))}: {exc}"
                 if instance.status == STATUS_SCHEDULED:
-                    instance.metadata["dispatch_error"] = f"{exception_name(type(exc))}: {exc}"
+                    if instance.metadata.get("dispatch_error") != error:
+                        step.note(instance, "unsent")  # a new failure: the history says so
+                    instance.metadata["dispatch_error"] = error
                     step.save(instance)
-                    step.note(instance, "unsent")  # the history says the send failed
 
             self.storage.transact(record, Want(instances=[name]))
         except Exception:  # noqa: BLE001 - the storage itself is failing; already logged above

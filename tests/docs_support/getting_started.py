@@ -106,16 +106,19 @@ class ReaderProject:
     """What a reader's project has, for one page: ``start()`` in the page's first
     invisible block, ``stop()`` in its last one.
 
-    ``modules`` maps the module names the page imports (``app.models`` …) to modules.
+    ``modules`` maps the module names the page imports (``app.models`` …) to modules;
+    ``triggers`` is the page's ``TRIGGERS`` setting, if it gives one.
     """
 
-    def __init__(self, modules=None, tasks=True):
+    def __init__(self, modules=None, tasks=True, triggers=None):
         package = ModuleType("app")
         package.__path__ = []
         self.modules = {"app": package, **(modules or {})}
         self.tasks = TASKS if tasks else {}
-        self._settings = override_settings(
-            CACHES={**settings.CACHES, "triggers": settings.CACHES["default"]})
+        overrides = {"CACHES": {**settings.CACHES, "triggers": settings.CACHES["default"]}}
+        if triggers is not None:
+            overrides["TRIGGERS"] = triggers
+        self._settings = override_settings(**overrides)
         self._saved_modules = {}
         self._saved_tasks = {}
 

@@ -465,28 +465,45 @@ def action_view(request: HttpRequest, site: AdminSite, storage: str, action: str
             shown=None if shown is None else _pretty(shown), values=values, back=back,
             session_url=session_url(storage, uid), instance_link=back,
             post_url=reverse("admin:triggers_storage_action", args=[storage, action])))
+    def errors_now() -> dict[str, Any]:
+        manager.storage.invalidate_cache()
+        return {found.name: found.metadata.get("dispatch_error")
+                for found in manager.storage.get_unresolved_instances()}
+
+    before = errors_now()
+    sent: list[str] = []  # what the action just handed to the runner
     try:
         if action == "replay":
             copy = manager.replay_failed_instance(name, arguments["replacement_kwargs"])
-            messages.success(request, f"Replayed {name}: {copy.name} is scheduled.")
+            done, sent = f"Replayed {name}: {copy.name} is scheduled.", [copy.name]
             back = instance_url(storage, uid, copy.name)
         elif action == "skip":
             manager.skip_failed_instance(name, cascade=arguments["cascade"],
                                          result=arguments["result"])
-            messages.success(request, f"Skipped {name}" + (
-                " and fired its task (cascade)." if arguments["cascade"] else "."))
+            done = f"Skipped {name}" + (
+                " and fired its task (cascade)." if arguments["cascade"] else ".")
         else:
             since = now()
             recovered = [found.name for found in manager.recover(
                 arguments["older_than"], instances=None if whole_session else [name])]
-            if recovered:
-                messages.success(request, f"Recovered (sent again): {', '.join(recovered)}.")
-            else:
+            done, sent = f"Recovered (sent again): {', '.join(recovered)}.", recovered
+            if not recovered:
                 what = "no instance of the session was" if whole_session else f"{name} was not"
                 messages.warning(request, f"Nothing was recovered: {what} "
                                  f"stuck for longer than {arguments['older_than']:g} s "
                                  "with its lease expired (checked at "
                                  f"{format_time(since)}).")
+                return HttpResponseRedirect(back)
     except TriggersError as exc:
         messages.error(request, f"Could not {action} {name or uid}: {exc}")
+        return HttpResponseRedirect(back)
+    # A message the broker did not take is not a success: say which, and what happens.
+    unsent = {found: error for found, error in errors_now().items()
+              if error and (found in sent or error != before.get(found))}
+    if unsent:
+        messages.warning(request, done + " Not sent: " + "; ".join(
+            f"{found} ({error})" for found, error in sorted(unsent.items()))
+            + ". The sweep sends them again once the broker is reachable.")
+    else:
+        messages.success(request, done)
     return HttpResponseRedirect(back)

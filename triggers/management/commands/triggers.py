@@ -153,7 +153,9 @@ class Command(BaseCommand):
                                  (("--traceback",), {"action": "store_true"}),
                                  (("--no-color",), {"action": "store_true"}),
                                  (("--force-color",), {"action": "store_true"}),
-                                 (("-v", "--verbosity"), {"type": int})):
+                                 (("--skip-checks",), {"action": "store_true"}),
+                                 (("-v", "--verbosity"), {"type": int,
+                                                          "choices": [0, 1, 2, 3]})):
                 command.add_argument(*flags, default=argparse.SUPPRESS,
                                      help=argparse.SUPPRESS, **extra)
 
@@ -329,14 +331,18 @@ class Command(BaseCommand):
     def do_skip(self, options: dict[str, Any]) -> None:
         result = _json_option(options, "result")
         manager = self.manager(options["uid"], options)
+        before = {instance.name: instance.metadata.get("dispatch_error")
+                  for instance in manager.storage.get_unresolved_instances()}
         with _option_named("result", "--result"):
             manager.skip_failed_instance(options["instance"], cascade=options["cascade"],
                                          result=result)
         self.stdout.write(f"{options['instance']} skipped"
                           + (" (cascade fired)" if options["cascade"] else ""))
         if options["cascade"]:
-            self.unsent(manager, [instance.name for instance in
-                                  manager.storage.get_unresolved_instances()])
+            manager.storage.invalidate_cache()
+            self.unsent(manager, [
+                instance.name for instance in manager.storage.get_unresolved_instances()
+                if instance.metadata.get("dispatch_error") != before.get(instance.name)])
 
     def unsent(self, manager: TriggerManager, names: list[str]) -> list[str]:
         """The named instances left scheduled because their message could not be sent
@@ -462,6 +468,9 @@ class Command(BaseCommand):
             raise CommandError(f"{len(report.errors)} session(s) could not be swept")
 
     def do_demo(self, options: dict[str, Any]) -> None:
+        if options["celery"] and options.get("keep"):
+            raise CommandError("--keep keeps the demo's session in your project's storage; "
+                               "--celery runs the standalone demo on Redis instead: use one")
         if options["celery"]:
             # The Celery flavour runs standalone: a worker of the project would not know
             # the demo's tasks, so it starts its own.
@@ -480,13 +489,12 @@ class Command(BaseCommand):
 
         manager = build_manager("finalizing", triggers_settings.STORAGE,
                                 f"demo-{uuid.uuid4().hex[:8]}", triggers_settings.storage_options())
-        try:
-            if not run_demo(cast(TextIO, self.stdout), manager=manager):
-                raise CommandError("The demo did not finish its workflow")
-        finally:
-            if options.get("keep"):
-                self.stdout.write(f"Kept session {manager.storage.uid}: manage.py triggers "
-                                  f"inspect {manager.storage.uid} --timeline")
-            else:
-                manager.storage.delete()
-                self.stdout.write(f"Deleted session {manager.storage.uid} (--keep keeps it).")
+        uid = manager.storage.uid
+        if not run_demo(cast(TextIO, self.stdout), manager=manager):
+            raise CommandError(f"The demo did not finish its workflow; its session is kept: "
+                               f"manage.py triggers inspect {uid} --timeline")
+        if options.get("keep"):
+            self.stdout.write(f"Kept session {uid}: manage.py triggers inspect {uid} --timeline")
+        else:
+            manager.storage.delete()
+            self.stdout.write(f"Deleted session {uid} (--keep keeps it).")
