@@ -110,9 +110,16 @@ def test_demo_command_on_the_project_database():
 def test_a_demo_that_fails_keeps_its_session(monkeypatch):
     from triggers.models import TriggerSession
 
-    monkeypatch.setattr("triggers.contrib.demo.run_demo", lambda out, manager: False)
-    with pytest.raises(CommandError, match=r"did not finish its workflow; its session is kept"):
+    def stops_halfway(out, manager):
+        manager.fire("firstPageReceived")
+        return False
+
+    monkeypatch.setattr("triggers.contrib.demo.run_demo", stops_halfway)
+    with pytest.raises(CommandError, match=r"did not finish its workflow; its session is kept: "
+                                           r"manage.py triggers inspect (demo-\w+)") as caught:
         run("demo")
+    kept = str(caught.value).split("inspect ", 1)[1].split()[0]
+    assert TriggerSession.objects.filter(uid=kept).exists()
 
 
 def test_readme_demo_runs_standalone_without_redis(tmp_path):
