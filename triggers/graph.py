@@ -123,11 +123,6 @@ def workflow_svg(tasks: Mapping[str, TaskConfig], instances: Iterable[TaskInstan
             node.href = link(instance)
     edges: list[tuple[str, str, str]] = []  # source, target, kind ("after", "unless", "on…")
     for name, config in tasks.items():
-        for directive, names in config.outcomes.items():
-            for trigger in names:
-                if trigger not in tasks:
-                    edges.append((f"task:{name}", f"trigger:{trigger}", directive))
-    for name, config in tasks.items():
         either = {"after": _or_names(config.after), "unless": _or_names(config.unless)}
         for kind, wanted in (("after", config.after_names), ("unless", config.unless_names)):
             for trigger in sorted(wanted):
@@ -137,8 +132,8 @@ def workflow_svg(tasks: Mapping[str, TaskConfig], instances: Iterable[TaskInstan
                 edges.append((source, f"task:{name}", label))
         for directive, names in config.outcomes.items():
             for trigger in names:
-                if trigger in tasks:
-                    edges.append((f"task:{name}", f"task:{trigger}", directive))
+                target = f"task:{trigger}" if trigger in tasks else f"trigger:{trigger}"
+                edges.append((f"task:{name}", target, directive))
     for source, target, _kind in edges:
         for key in (source, target):
             if key not in nodes:

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     pass
 
 __all__ = ["FinalizingTriggerManager", "TriggerManager", "get_trigger_manager",
-           "trigger_managers"]
+           "trigger_managers", "unsent_instances"]
 
 logger = logging.getLogger(__name__)
 
@@ -1104,6 +1104,16 @@ class FinalizingTriggerManager(TriggerManager):
 
 #: Registry of trigger managers: ``trigger_managers.get('default', storage)``.
 trigger_managers = TriggersRegistry("triggers.managers", "trigger manager")
+
+
+def unsent_instances(storage: BaseTriggerStorage) -> dict[str, str]:
+    """The session's scheduled instances whose message could not be handed to their
+    runner (name → ``dispatch_error``), read afresh: what an operator is told was not
+    sent (the sweep sends them again)."""
+    storage.invalidate_cache()
+    return {instance.name: str(instance.metadata["dispatch_error"])
+            for instance in storage.get_unresolved_instances()
+            if instance.metadata.get("dispatch_error")}
 
 
 def build_manager(manager_key: str, storage_key: str, uid: str,

@@ -9,7 +9,6 @@ page shows its workflow graph and timeline (``triggers.admin.pages``).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.contrib import admin, messages
@@ -18,38 +17,13 @@ from django.db import router
 from django.db.models import Count, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.urls import URLPattern, path, reverse
-from django.utils.html import format_html, format_html_join
+from django.utils.html import format_html
+from django.utils.safestring import mark_safe
 
 from triggers.admin import pages
 from triggers.exceptions import TriggersError
-from triggers.graph import DISPATCH_ERROR_COLOUR, STATUS_COLOURS
+from triggers.graph import STATUS_COLOURS
 from triggers.models import TriggerInstance, TriggerSession
-from triggers.types import OPEN_STATUSES
-
-OPEN = [status.value for status in OPEN_STATUSES]
-#: The statuses counted per session in the list of sessions.
-COUNTED = ("failed", "unstarted", "scheduled", "running")
-
-
-def _badge_style(status: str) -> str:
-    colour = DISPATCH_ERROR_COLOUR if status == "dispatch_error" else STATUS_COLOURS.get(
-        status, "#607d8b")
-    return (f"background:{colour};color:#fff;padding:1px 7px;"
-            "border-radius:9px;font-weight:bold;font-size:11px;white-space:nowrap")
-
-
-def _pretty(value: Any) -> str:
-    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, default=repr))
-
-
-def _manager_for(instance: TriggerInstance) -> Any:
-    from triggers.conf import triggers_settings
-    from triggers.manager import build_manager
-
-    options = {"using": router.db_for_write(TriggerInstance),
-               "lock_expire": triggers_settings.LOCK_EXPIRE,
-               "lock_timeout": triggers_settings.LOCK_TIMEOUT}
-    return build_manager(triggers_settings.MANAGER, "db", instance.session_id, options)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
@@ -83,7 +57,7 @@ class TriggerSessionAdmin(ReadOnlyAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[TriggerSession]:
         queryset: QuerySet[TriggerSession] = super().get_queryset(request)
         counted = {f"_{status}": Count("instances", filter=Q(instances__status=status))
-                   for status in COUNTED}
+                   for status in pages.COUNTED}
         annotated: QuerySet[TriggerSession] = queryset.annotate(
             _instances=Count("instances"), **counted)
         return annotated
@@ -134,10 +108,10 @@ class TriggerSessionAdmin(ReadOnlyAdmin):
 
     @admin.display(description="failed · waiting · scheduled · running")
     def state_counts(self, obj: Any) -> str:
-        shown = [(status, getattr(obj, f"_{status}")) for status in COUNTED]
-        return format_html_join(" ", '<span class="triggers-status" style="{}">{} {}</span>',
-                                ((_badge_style(status), count, status)
-                                 for status, count in shown if count)) or "–"
+        shown = [(status, getattr(obj, f"_{status}")) for status in pages.COUNTED]
+        return mark_safe(" ".join(  # noqa: S308 - badges built by format_html
+            pages.badge(f"{count} {status}", STATUS_COLOURS[status])
+            for status, count in shown if count)) or "–"
 
 
 class UnresolvedFilter(admin.SimpleListFilter):
@@ -179,10 +153,8 @@ class TriggerInstanceAdmin(ReadOnlyAdmin):
 
     @admin.display(description="status", ordering="status")
     def coloured_status(self, obj: TriggerInstance) -> str:
-        if (obj.metadata or {}).get("dispatch_error"):
-            return format_html('<span style="{}">{} · not sent</span>',
-                               _badge_style("dispatch_error"), obj.status)
-        return format_html('<span style="{}">{}</span>', _badge_style(obj.status), obj.status)
+        return mark_safe(pages.status_badge(  # noqa: S308 - built by format_html
+            obj.status, bool((obj.metadata or {}).get("dispatch_error"))))
 
     @admin.display(description="exception")
     def exception(self, obj: TriggerInstance) -> str:
@@ -200,7 +172,8 @@ class TriggerInstanceAdmin(ReadOnlyAdmin):
                                            f"{instance.name} is {instance.status}.",
                                   messages.WARNING)
                 continue
-            manager = _manager_for(instance)
+            manager = pages.open_manager("db", instance.session_id,
+                                         router.db_for_write(TriggerInstance))
             try:
                 if verb == "replayed":
                     manager.replay_failed_instance(instance.name)

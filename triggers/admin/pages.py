@@ -31,7 +31,7 @@ from django.utils.timesince import timesince
 from triggers.config import check_kwargs, check_kwargs_map
 from triggers.exceptions import InstanceNotFound, InvalidArgument, TriggersError
 from triggers.graph import DISPATCH_ERROR_COLOUR, STATUS_COLOURS, workflow_svg
-from triggers.manager import TriggerManager, build_manager
+from triggers.manager import TriggerManager, build_manager, unsent_instances
 from triggers.timers import format_time
 from triggers.types import (
     STATUS_FAILED,
@@ -42,14 +42,17 @@ from triggers.types import (
     now,
 )
 
-__all__ = ["ACTIONS", "browsable_storages", "instance_page", "instance_url", "open_manager",
-           "session_page", "session_url", "sessions_page", "status_badge", "when"]
+__all__ = ["ACTIONS", "COUNTED", "badge", "browsable_storages", "instance_page", "instance_url",
+           "open_manager", "session_page", "session_url", "sessions_page", "status_badge",
+           "when"]
 
 logger = logging.getLogger("triggers.admin")
 View = TypeVar("View", bound=Callable[..., HttpResponse])
 
 #: The repair operations an instance page offers (``triggers.change_triggerinstance``).
 ACTIONS = ("replay", "skip", "recover")
+#: The statuses counted per session in the lists of sessions.
+COUNTED = ("failed", "unstarted", "scheduled", "running")
 #: Sessions listed per page for a storage without a database table.
 PAGE_SIZE = 50
 #: The most session UIDs such a list reads (to sort them); a search narrows it.
@@ -143,14 +146,21 @@ def when(at: Any) -> str:
     return f"{format_time(at)} ({relative})"
 
 
-def status_badge(status: str, dispatch_error: bool = False) -> str:
-    """A coloured status label (HTML)."""
+def badge(label: str, colour: str) -> str:
+    """A coloured label (HTML, styled inline: it shows on any admin page)."""
     from django.utils.html import format_html
 
-    colour = DISPATCH_ERROR_COLOUR if dispatch_error else STATUS_COLOURS.get(status, "#607d8b")
-    label = f"{status} · not sent" if dispatch_error else status
-    return str(format_html('<span class="triggers-status" style="background:{}">{}</span>',
-                           colour, label))
+    return str(format_html(
+        '<span class="triggers-status" style="background:{};color:#fff;padding:1px 7px;'
+        'border-radius:9px;font-weight:bold;font-size:11px;white-space:nowrap">{}</span>',
+        colour, label))
+
+
+def status_badge(status: str, dispatch_error: bool = False) -> str:
+    """A status as a coloured label (HTML); a scheduled instance not sent says so."""
+    if dispatch_error:
+        return badge(f"{status} · not sent", DISPATCH_ERROR_COLOUR)
+    return badge(status, STATUS_COLOURS.get(status, "#607d8b"))
 
 
 def _pretty(value: Any) -> str:
@@ -266,7 +276,7 @@ def sessions_page(request: HttpRequest, site: AdminSite, storage: str) -> HttpRe
             continue
         rows.append({"uid": uid, "url": session_url(storage, uid), "counts": [
             (status, counts[status], STATUS_COLOURS[status])
-            for status in ("failed", "unstarted", "scheduled", "running") if counts[status]]})
+            for status in COUNTED if counts[status]]})
     return TemplateResponse(request, "triggers/admin/sessions.html", _context(
         request, site, f"Trigger sessions in storage {storage!r}", storage=storage, rows=rows,
         page=page, query=wanted, has_next=len(chunk) > PAGE_SIZE, truncated=truncated,
@@ -465,12 +475,7 @@ def action_view(request: HttpRequest, site: AdminSite, storage: str, action: str
             shown=None if shown is None else _pretty(shown), values=values, back=back,
             session_url=session_url(storage, uid), instance_link=back,
             post_url=reverse("admin:triggers_storage_action", args=[storage, action])))
-    def errors_now() -> dict[str, Any]:
-        manager.storage.invalidate_cache()
-        return {found.name: found.metadata.get("dispatch_error")
-                for found in manager.storage.get_unresolved_instances()}
-
-    before = errors_now()
+    before = unsent_instances(manager.storage)
     sent: list[str] = []  # what the action just handed to the runner
     try:
         if action == "replay":
@@ -498,8 +503,8 @@ def action_view(request: HttpRequest, site: AdminSite, storage: str, action: str
         messages.error(request, f"Could not {action} {name or uid}: {exc}")
         return HttpResponseRedirect(back)
     # A message the broker did not take is not a success: say which, and what happens.
-    unsent = {found: error for found, error in errors_now().items()
-              if error and (found in sent or error != before.get(found))}
+    unsent = {found: error for found, error in unsent_instances(manager.storage).items()
+              if found in sent or error != before.get(found)}
     if unsent:
         messages.warning(request, done + " Not sent: " + "; ".join(
             f"{found} ({error})" for found, error in sorted(unsent.items()))

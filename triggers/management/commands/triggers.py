@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TextIO, cast
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from triggers.exceptions import InvalidArgument, TriggersError
-from triggers.manager import TriggerManager, build_manager
+from triggers.manager import TriggerManager, build_manager, unsent_instances
 from triggers.storages.base import BaseTriggerStorage
 from triggers.timers import format_time
 from triggers.types import STATUS_RUNNING, STATUS_SCHEDULED, now
@@ -324,38 +324,32 @@ class Command(BaseCommand):
         manager = self.manager(options["uid"], options)
         with _option_named("replacement_kwargs", "--kwargs"):
             clone = manager.replay_failed_instance(options["instance"], kwargs)
-        unsent = self.unsent(manager, [clone.name])
+        unsent = self.unsent(unsent_instances(manager.storage), {}, [clone.name])
         self.stdout.write(f"{options['instance']} replayed as {clone.name} "
                           f"({clone.status.value}{', not sent' if unsent else ''})")
 
     def do_skip(self, options: dict[str, Any]) -> None:
         result = _json_option(options, "result")
         manager = self.manager(options["uid"], options)
-        before = {instance.name: instance.metadata.get("dispatch_error")
-                  for instance in manager.storage.get_unresolved_instances()}
+        before = unsent_instances(manager.storage)
         with _option_named("result", "--result"):
             manager.skip_failed_instance(options["instance"], cascade=options["cascade"],
                                          result=result)
         self.stdout.write(f"{options['instance']} skipped"
                           + (" (cascade fired)" if options["cascade"] else ""))
         if options["cascade"]:
-            manager.storage.invalidate_cache()
-            self.unsent(manager, [
-                instance.name for instance in manager.storage.get_unresolved_instances()
-                if instance.metadata.get("dispatch_error") != before.get(instance.name)])
+            self.unsent(unsent_instances(manager.storage), before, [])
 
-    def unsent(self, manager: TriggerManager, names: list[str]) -> list[str]:
-        """The named instances left scheduled because their message could not be sent
-        (each said on stderr, on one line)."""
-        manager.storage.invalidate_cache()
-        found = []
-        for name in names:
-            error = manager.storage.get_instance(name).metadata.get("dispatch_error")
-            if error:
-                found.append(name)
-                self.stderr.write(f"{name} is scheduled but could not be sent: "
-                                  f"{one_line(error)}; `manage.py triggers sweep` (or recover) "
-                                  "sends it again once the broker is reachable")
+    def unsent(self, now: dict[str, str], before: dict[str, str], sent: list[str]
+               ) -> list[str]:
+        """The instances this command left unsent — those it sent, or whose send error is
+        new — each said on stderr, on one line."""
+        found = [name for name, error in now.items()
+                 if name in sent or error != before.get(name)]
+        for name in found:
+            self.stderr.write(f"{name} is scheduled but could not be sent: "
+                              f"{one_line(now[name])}; `manage.py triggers sweep` (or recover) "
+                              "sends it again once the broker is reachable")
         return found
 
     def do_recover(self, options: dict[str, Any]) -> None:
